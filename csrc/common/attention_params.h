@@ -1,0 +1,77 @@
+#pragma once
+// Parameters of the dense-tiled attention family (sliding window and compressed branches): raw
+// pointers and int64 element strides, filled once on the host and passed by value to CPU and CUDA
+// kernels. Tensors are [batch, row, head, dim] (padded) or [row, head, dim] (packed; batch stride 0).
+#include <cstdint>
+
+#include "common/host_device.h"
+#include "common/masks.h"
+
+namespace nsa {
+
+struct Strides {
+  int64_t batch;
+  int64_t row;
+  int64_t head;
+  NSA_HOST_DEVICE int64_t offset(int64_t b, int64_t r, int64_t h) const { return b * batch + r * row + h * head; }
+};
+
+struct AttentionParams {
+  const void* q;   // [.., Hq, Dk]
+  const void* k;   // [.., Hk, Dk]
+  const void* v;   // [.., Hk, Dv]
+  void* o;         // [.., Hq, Dv]
+  void* lse;       // [.., Hq], float32 (float64 for float64 inputs)
+  Strides q_strides, k_strides, v_strides, o_strides, lse_strides;
+
+  int64_t num_seqs;
+  int64_t num_heads_q;
+  int64_t num_heads_k;
+  int64_t head_dim_qk;
+  int64_t head_dim_v;
+  // Padded layout: every sequence has exactly max_seqlen_q queries, max_key_rows key rows and
+  // key_positions original keys. Packed layout: these are upper bounds (they size the grid) and the
+  // cu_seqlens arrays below give each sequence's own lengths.
+  int64_t max_seqlen_q;
+  int64_t max_key_rows;
+  int64_t key_positions;
+  const int32_t* cu_seqlens_q;         // [N+1] or null (padded)
+  const int32_t* cu_seqlens_key_rows;  // [N+1] row offsets of k/v (compressed tokens for that branch)
+  const int32_t* cu_seqlens_k;         // [N+1] original key lengths, which place the queries
+
+  double scale;  // cast to the accumulation type in kernels; float64 inputs keep it exact
+  VisibilityMask mask;
+};
+
+struct AttentionBwdParams : AttentionParams {
+  const void* dout;  // [.., Hq, Dv]
+  const void* dlse;  // [.., Hq] or null
+  void* dq;          // [.., Hq, Dk]
+  void* dk;          // [.., Hk, Dk]
+  void* dv;          // [.., Hk, Dv]
+  Strides dout_strides, dlse_strides, dq_strides, dk_strides, dv_strides;
+};
+
+// Where sequence b lives and how its queries line up with its keys.
+struct SeqSpan {
+  int64_t batch;        // batch index (0 in packed layout)
+  int64_t q_row_begin;  // first query row
+  int64_t q_len;
+  int64_t k_row_begin;  // first key row
+  int64_t k_len;        // key rows
+  int64_t query_offset; // absolute position of query row 0: TK - TQ (bottom-right aligned)
+};
+
+NSA_HOST_DEVICE SeqSpan seq_span(const AttentionParams& p, int64_t b) {
+  if (p.cu_seqlens_q == nullptr) {
+    return {b, 0, p.max_seqlen_q, 0, p.max_key_rows, p.key_positions - p.max_seqlen_q};
+  }
+  const int64_t q_begin = p.cu_seqlens_q[b];
+  const int64_t q_len = p.cu_seqlens_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_seqlens_key_rows[b];
+  const int64_t k_len = p.cu_seqlens_key_rows[b + 1] - k_begin;
+  const int64_t positions = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  return {0, q_begin, q_len, k_begin, k_len, positions - q_len};
+}
+
+}  // namespace nsa

@@ -1,0 +1,319 @@
+// CPU kernels of the dense-tiled attention family (sliding window, compressed tokens).
+//
+// Work is split into tasks of one (sequence, kv head, tile); a task stacks the G query heads of its
+// group into one matrix so each key/value tile is converted once and multiplied once for the whole
+// group. Products run through ATen's BLAS (at::mm_out) on fp32 (fp64) scratch tiles; softmax is
+// online, as in FlashAttention. The backward runs two passes so that every output element is written
+// by exactly one task in a fixed order (deterministic, thread-count independent):
+//   dq pass  : per query tile, over the key tiles it sees;
+//   dkv pass : per key tile, over the query tiles that see it (found by binary search on the mask).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace nsa {
+namespace {
+
+constexpr int64_t kQueryTile = 64;  // query rows per head in one task
+constexpr int64_t kKeyTile = 128;   // key rows per product
+
+template <typename acc_t>
+constexpr at::ScalarType acc_scalar_type() {
+  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+}
+
+// Row-major scratch matrix; view(rows, cols) is a compact tensor over its memory.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> data;
+  acc_t* reserve(int64_t n) {
+    if (static_cast<int64_t>(data.size()) < n) data.resize(n);
+    return data.data();
+  }
+  at::Tensor view(int64_t rows, int64_t cols) {
+    return at::from_blob(reserve(rows * cols), {rows, cols}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
+  }
+};
+
+// dst[r, :] = src rows row0 .. row0+rows of one head, converted to acc_t.
+template <typename scalar_t, typename acc_t>
+void load_rows(acc_t* dst, const void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows,
+               int64_t head, int64_t dim) {
+  const scalar_t* src = static_cast<const scalar_t*>(base);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = src + st.offset(batch, row0 + r, head);
+    for (int64_t d = 0; d < dim; ++d) dst[r * dim + d] = static_cast<acc_t>(row[d]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_rows(void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows, int64_t head, int64_t dim,
+                const acc_t* src, acc_t factor) {
+  scalar_t* dst = static_cast<scalar_t*>(base);
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = dst + st.offset(batch, row0 + r, head);
+    for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(src[r * dim + d] * factor);
+  }
+}
+
+// The G query heads of kv head `head_k`, rows [row0, row0+rows), stacked: stacked row g*rows + i.
+template <typename scalar_t, typename acc_t>
+void load_group(acc_t* dst, const void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows,
+                int64_t head_k, int64_t group, int64_t dim) {
+  for (int64_t g = 0; g < group; ++g)
+    load_rows<scalar_t, acc_t>(dst + g * rows * dim, base, st, batch, row0, rows, head_k * group + g, dim);
+}
+
+// Visible keys of query row i of a tile, as a column range [lo, hi) of the key tile at key0.
+struct ColumnRange {
+  int64_t lo;
+  int64_t hi;
+};
+
+inline ColumnRange visible_columns(const AttentionParams& p, const SeqSpan& s, int64_t query, int64_t key0,
+                                   int64_t cols) {
+  const KeyRange keys = p.mask.keys_for(s.query_offset + query, s.k_len);
+  return {std::clamp<int64_t>(keys.begin - key0, 0, cols), std::clamp<int64_t>(keys.end - key0, 0, cols)};
+}
+
+// Rows [lo, hi) of the tile's visible keys, for the rows of a stacked group tile (row = g*rows + i).
+// P[r, j] = exp(scale * S[r, j] - lse[r]) on visible columns, 0 elsewhere (also when lse is -inf).
+template <typename acc_t>
+void probabilities_from_lse(const AttentionParams& p, const SeqSpan& s, int64_t q0, int64_t rows, int64_t group,
+                            int64_t key0, int64_t cols, acc_t* scores, const acc_t* lse) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const ColumnRange c = visible_columns(p, s, q0 + i, key0, cols);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = g * rows + i;
+      acc_t* row = scores + r * cols;
+      const acc_t row_lse = lse[r];
+      const bool live = row_lse != -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < cols; ++j)
+        row[j] = (live && j >= c.lo && j < c.hi) ? std::exp(row[j] * acc_t(p.scale) - row_lse) : acc_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_task(const AttentionParams& p, int64_t b, int64_t head_k, int64_t q0) {
+  const SeqSpan s = seq_span(p, b);
+  if (q0 >= s.q_len) return;
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  const int64_t rows = std::min(kQueryTile, s.q_len - q0);
+  const int64_t m = group * rows;
+  const int64_t dk = p.head_dim_qk, dv = p.head_dim_v;
+  // Key ranges of the first and last row bound those of every row in between.
+  const int64_t key_begin = p.mask.keys_for(s.query_offset + q0, s.k_len).begin;
+  const int64_t key_end = p.mask.keys_for(s.query_offset + q0 + rows - 1, s.k_len).end;
+
+  Scratch<acc_t> q_buf, k_buf, v_buf, s_buf, acc_buf;
+  std::vector<acc_t> row_max(m, -std::numeric_limits<acc_t>::infinity()), row_sum(m, 0);
+  at::Tensor q_tile = q_buf.view(m, dk);
+  load_group<scalar_t, acc_t>(q_buf.data.data(), p.q, p.q_strides, s.batch, s.q_row_begin + q0, rows, head_k, group,
+                              dk);
+  at::Tensor acc = acc_buf.view(m, dv);
+  acc.zero_();
+
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += kKeyTile) {
+    const int64_t cols = std::min(kKeyTile, key_end - key0);
+    at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv), scores = s_buf.view(m, cols);
+    load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
+    load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+    at::mm_out(scores, q_tile, k_tile.t());
+
+    acc_t* sc = s_buf.data.data();
+    acc_t* ac = acc_buf.data.data();
+    for (int64_t i = 0; i < rows; ++i) {
+      const ColumnRange c = visible_columns(p, s, q0 + i, key0, cols);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = g * rows + i;
+        acc_t* row = sc + r * cols;
+        if (c.lo >= c.hi) {
+          std::fill(row, row + cols, acc_t(0));
+          continue;
+        }
+        acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = c.lo; j < c.hi; ++j) tile_max = std::max(tile_max, row[j] * acc_t(p.scale));
+        const acc_t new_max = std::max(row_max[r], tile_max);
+        const acc_t rescale = std::exp(row_max[r] - new_max);  // 0 when row_max is -inf
+        acc_t sum = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t e = (j >= c.lo && j < c.hi) ? std::exp(row[j] * acc_t(p.scale) - new_max) : acc_t(0);
+          row[j] = e;
+          sum += e;
+        }
+        row_sum[r] = row_sum[r] * rescale + sum;
+        row_max[r] = new_max;
+        if (rescale != acc_t(1))
+          for (int64_t d = 0; d < dv; ++d) ac[r * dv + d] *= rescale;
+      }
+    }
+    acc.addmm_(scores, v_tile);
+  }
+
+  acc_t* ac = acc_buf.data.data();
+  acc_t* lse = static_cast<acc_t*>(p.lse);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t head = head_k * group + g;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = g * rows + i;
+      const bool seen = row_sum[r] > 0;
+      const acc_t inv = seen ? acc_t(1) / row_sum[r] : acc_t(0);
+      store_rows<scalar_t, acc_t>(p.o, p.o_strides, s.batch, s.q_row_begin + q0 + i, 1, head, dv, ac + r * dv, inv);
+      lse[p.lse_strides.offset(s.batch, s.q_row_begin + q0 + i, head)] =
+          seen ? row_max[r] + std::log(row_sum[r]) : -std::numeric_limits<acc_t>::infinity();
+    }
+  }
+}
+
+// Loads q, dout, lse and delta = rowsum(dout * out) - dlse of a stacked group tile.
+template <typename scalar_t, typename acc_t>
+struct GroupRows {
+  Scratch<acc_t> q, dout, out;
+  std::vector<acc_t> lse, delta;
+
+  void load(const AttentionBwdParams& p, const SeqSpan& s, int64_t head_k, int64_t group, int64_t q0, int64_t rows) {
+    const int64_t m = group * rows, dk = p.head_dim_qk, dv = p.head_dim_v;
+    const int64_t row0 = s.q_row_begin + q0;
+    q.reserve(m * dk);
+    dout.reserve(m * dv);
+    out.reserve(m * dv);
+    load_group<scalar_t, acc_t>(q.data.data(), p.q, p.q_strides, s.batch, row0, rows, head_k, group, dk);
+    load_group<scalar_t, acc_t>(dout.data.data(), p.dout, p.dout_strides, s.batch, row0, rows, head_k, group, dv);
+    load_group<scalar_t, acc_t>(out.data.data(), p.o, p.o_strides, s.batch, row0, rows, head_k, group, dv);
+    lse.assign(m, 0);
+    delta.assign(m, 0);
+    const acc_t* lse_in = static_cast<const acc_t*>(p.lse);
+    const acc_t* dlse_in = static_cast<const acc_t*>(p.dlse);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t head = head_k * group + g;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = g * rows + i;
+        lse[r] = lse_in[p.lse_strides.offset(s.batch, row0 + i, head)];
+        acc_t dot = 0;
+        for (int64_t d = 0; d < dv; ++d) dot += dout.data[r * dv + d] * out.data[r * dv + d];
+        delta[r] = dot - (dlse_in ? dlse_in[p.dlse_strides.offset(s.batch, row0 + i, head)] : acc_t(0));
+      }
+    }
+  }
+};
+
+// scores <- dS = P * (dP - delta), given P in `scores` and dP in `dprobs`.
+template <typename acc_t>
+void softmax_backward(acc_t* scores, const acc_t* dprobs, const std::vector<acc_t>& delta, int64_t m, int64_t cols) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < cols; ++j) scores[r * cols + j] *= dprobs[r * cols + j] - delta[r];
+}
+
+template <typename scalar_t, typename acc_t>
+void dq_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t q0) {
+  const SeqSpan s = seq_span(p, b);
+  if (q0 >= s.q_len) return;
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  const int64_t rows = std::min(kQueryTile, s.q_len - q0);
+  const int64_t m = group * rows, dk = p.head_dim_qk, dv = p.head_dim_v;
+  const int64_t key_begin = p.mask.keys_for(s.query_offset + q0, s.k_len).begin;
+  const int64_t key_end = p.mask.keys_for(s.query_offset + q0 + rows - 1, s.k_len).end;
+
+  GroupRows<scalar_t, acc_t> g_rows;
+  g_rows.load(p, s, head_k, group, q0, rows);
+  Scratch<acc_t> k_buf, v_buf, s_buf, dp_buf, dq_buf;
+  at::Tensor q_tile = g_rows.q.view(m, dk), dout_tile = g_rows.dout.view(m, dv);
+  at::Tensor dq = dq_buf.view(m, dk);
+  dq.zero_();
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += kKeyTile) {
+    const int64_t cols = std::min(kKeyTile, key_end - key0);
+    at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv);
+    at::Tensor scores = s_buf.view(m, cols), dprobs = dp_buf.view(m, cols);
+    load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
+    load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+    at::mm_out(scores, q_tile, k_tile.t());
+    probabilities_from_lse(p, s, q0, rows, group, key0, cols, s_buf.data.data(), g_rows.lse.data());
+    at::mm_out(dprobs, dout_tile, v_tile.t());
+    softmax_backward(s_buf.data.data(), dp_buf.data.data(), g_rows.delta, m, cols);
+    dq.addmm_(scores, k_tile);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    store_rows<scalar_t, acc_t>(p.dq, p.dq_strides, s.batch, s.q_row_begin + q0, rows, head_k * group + g, dk,
+                                dq_buf.data.data() + g * rows * dk, acc_t(p.scale));
+}
+
+template <typename scalar_t, typename acc_t>
+void dkv_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t key0) {
+  const SeqSpan s = seq_span(p, b);
+  if (key0 >= s.k_len) return;
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  const int64_t cols = std::min(kKeyTile, s.k_len - key0);
+  const int64_t dk = p.head_dim_qk, dv = p.head_dim_v;
+  const QueryRange queries = queries_seeing(p.mask, key0, key0 + cols, s.query_offset, s.q_len, s.k_len);
+
+  Scratch<acc_t> k_buf, v_buf, s_buf, dp_buf, dk_buf, dv_buf;
+  at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv);
+  load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
+  load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+  at::Tensor dk_acc = dk_buf.view(cols, dk), dv_acc = dv_buf.view(cols, dv);
+  dk_acc.zero_();
+  dv_acc.zero_();
+  GroupRows<scalar_t, acc_t> g_rows;
+  for (int64_t q0 = queries.begin; q0 < queries.end; q0 += kQueryTile) {
+    const int64_t rows = std::min(kQueryTile, queries.end - q0);
+    const int64_t m = group * rows;
+    g_rows.load(p, s, head_k, group, q0, rows);
+    at::Tensor q_tile = g_rows.q.view(m, dk), dout_tile = g_rows.dout.view(m, dv);
+    at::Tensor scores = s_buf.view(m, cols), dprobs = dp_buf.view(m, cols);
+    at::mm_out(scores, q_tile, k_tile.t());
+    probabilities_from_lse(p, s, q0, rows, group, key0, cols, s_buf.data.data(), g_rows.lse.data());
+    dv_acc.addmm_(scores.t(), dout_tile);
+    at::mm_out(dprobs, dout_tile, v_tile.t());
+    softmax_backward(s_buf.data.data(), dp_buf.data.data(), g_rows.delta, m, cols);
+    dk_acc.addmm_(scores.t(), q_tile);
+  }
+  store_rows<scalar_t, acc_t>(p.dk, p.dk_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk,
+                              dk_buf.data.data(), acc_t(p.scale));
+  store_rows<scalar_t, acc_t>(p.dv, p.dv_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv,
+                              dv_buf.data.data(), acc_t(1));
+}
+
+// Runs task(b, head_k, tile_start) for every sequence, kv head and tile of `tile` rows out of
+// `max_rows`; tasks beyond a sequence's own length return at once.
+template <typename Task>
+void for_each_tile(const AttentionParams& p, int64_t max_rows, int64_t tile, const Task& task) {
+  const int64_t tiles = (max_rows + tile - 1) / tile;
+  const int64_t total = p.num_seqs * p.num_heads_k * tiles;
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (p.num_heads_k * tiles);
+      const int64_t head_k = (t / tiles) % p.num_heads_k;
+      task(b, head_k, (t % tiles) * tile);
+    }
+  });
+}
+
+}  // namespace
+
+void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    for_each_tile(params, params.max_seqlen_q, kQueryTile,
+                  [&](int64_t b, int64_t h, int64_t q0) { forward_task<scalar_t, acc_t>(params, b, h, q0); });
+  });
+}
+
+void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    for_each_tile(params, params.max_seqlen_q, kQueryTile,
+                  [&](int64_t b, int64_t h, int64_t q0) { dq_task<scalar_t, acc_t>(params, b, h, q0); });
+    for_each_tile(params, params.max_key_rows, kKeyTile,
+                  [&](int64_t b, int64_t h, int64_t k0) { dkv_task<scalar_t, acc_t>(params, b, h, k0); });
+  });
+}
+
+}  // namespace nsa

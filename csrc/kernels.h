@@ -1,0 +1,18 @@
+#pragma once
+// Kernel entry points per backend. The host API (csrc/api) checks inputs, allocates outputs and fills
+// the params; these run the computation.
+#include <ATen/ATen.h>
+
+#include "common/attention_params.h"
+
+namespace nsa {
+
+void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype);
+void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype);
+
+#ifdef NSA_WITH_CUDA
+void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
+void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);
+#endif
+
+}  // namespace nsa
