@@ -19,7 +19,8 @@ if torch.__version__ != _build_config.TORCH_VERSION:
 from . import _C  # noqa: E402  (loading it registers the torch.ops.nsa operators)
 from . import ops  # noqa: E402,F401  (fake tensors and autograd of those operators)
 from . import reference  # noqa: E402,F401
-from .functional import compressed_attention, sliding_window_attention  # noqa: E402
+from .functional import (compressed_attention, selection_attention, sliding_window_attention,  # noqa: E402
+                         validate_block_indices)
 
 __version__ = _C.build_info()["version"]
 
@@ -30,4 +31,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "compressed_attention", "reference", "sliding_window_attention"]
+__all__ = ["build_info", "compressed_attention", "reference", "selection_attention", "sliding_window_attention",
+           "validate_block_indices"]
