@@ -225,6 +225,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const DenseInputs& i
   if (in.q.numel() == 0 || in.k.numel() == 0 || p.num_seqs == 0) return {dq, dk, dv};
 #ifdef NSA_WITH_CUDA
   if (in.q.is_cuda()) {
+    // rowsum(dout * out) - dlse per (row, head) for the tiled bf16 / fp16 kernels, laid out like lse_c.
+    at::Tensor delta;
+    if (in.q.scalar_type() == at::kHalf || in.q.scalar_type() == at::kBFloat16) {
+      delta = at::empty(lse_c.sizes(), lse_c.options().dtype(at::kFloat));
+      p.softmax_delta = delta.data_ptr<float>();
+    }
     dense_attention_bwd_cuda(p, in.q.scalar_type());
     return {dq, dk, dv};
   }

@@ -50,6 +50,9 @@ struct AttentionBwdParams : AttentionParams {
   void* dk;          // [.., Hk, Dk]
   void* dv;          // [.., Hk, Dv]
   Strides dout_strides, dlse_strides, dq_strides, dk_strides, dv_strides;
+  // Scratch for the tiled CUDA backward: rowsum(dout * out) - dlse per (query row, head), float32,
+  // laid out like lse (lse_strides). Null where the kernel does not need it.
+  float* softmax_delta;
 };
 
 // Where sequence b lives and how its queries line up with its keys.
