@@ -62,9 +62,12 @@ def test_tiled_kernels_use_tensor_cores(arch):
         kernels = {n: body for n, body in functions.items() if tag in n}
         assert kernels, f"no {kind} kernel for sm_{arch}"
         for name, body in kernels.items():
-            assert re.search(r"\bHMMA\.16816\.F32\.(BF16|F16)?", body) or "HMMA" in body, f"{name}: no HMMA on sm_{arch}"
-            assert "LDSM" in body, f"{name}: no ldmatrix (LDSM) on sm_{arch}"
+            # m16n8k16 with f32 accumulators (fp16: HMMA.16816.F32, bf16: HMMA.16816.F32.BF16).
+            assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
+            assert "LDSM.16.M88.4" in body, f"{name}: no ldmatrix.x4 (LDSM) on sm_{arch}"
+            assert "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix.x4.trans on sm_{arch}"
             assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS) on sm_{arch}"
+
 
 
 def _resource_usage(arch):
