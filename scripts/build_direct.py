@@ -31,6 +31,21 @@ def version():
     return "0"
 
 
+def find_cuda_home():
+    """The toolkit root: the first candidate with the runtime library (a wrapper script named nvcc
+    on PATH can make torch's guess point elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp.CUDA_HOME, "/usr/local/cuda"]
+    candidates += sorted((str(p) for p in Path("/usr/local").glob("cuda-*")), reverse=True)
+    for c in candidates:
+        if c and any((Path(c) / d / "libcudart.so").exists() for d in ("lib64", "targets/x86_64-linux/lib")):
+            return Path(c)
+    raise SystemExit("build_direct: no CUDA toolkit with libcudart.so found; set CUDA_HOME")
+
+
+def newest_source_mtime():
+    return max(p.stat().st_mtime for p in (ROOT / "csrc").rglob("*") if p.is_file())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -42,7 +57,7 @@ def main():
     out = Path(args.out).resolve()
     objdir = out / "obj"
     objdir.mkdir(parents=True, exist_ok=True)
-    cuda_home = Path(cpp.CUDA_HOME or "/usr/local/cuda")
+    cuda_home = find_cuda_home()
     nvcc = cuda_home / "bin" / "nvcc"
     head_dims = [d for d in args.head_dims.split(",") if d]
     archs = args.archs.replace(",", ";").split(";")
@@ -80,8 +95,12 @@ def main():
     # Longest first: the tiled .cu files dominate the build.
     jobs.sort(key=lambda j: 0 if j[1].name.startswith("csrc_cuda_dense") else 1)
 
+    sources_mtime = newest_source_mtime()
+
     def run(job):
         cmd, obj = job
+        if obj.exists() and obj.stat().st_mtime > sources_mtime:  # rerun: nothing changed
+            return obj, subprocess.CompletedProcess(cmd, 0, "", "")
         result = subprocess.run(cmd, capture_output=True, text=True)
         return obj, result
 
@@ -100,7 +119,7 @@ def main():
     shutil.copytree(ROOT / "python" / "nsa_ext", package)
     library = package / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     torch_lib = Path(cpp.library_paths()[0])
-    link = ["g++", "-shared", "-o", str(library), *objects, f"-L{torch_lib}", f"-L{cuda_home / 'lib64'}",
+    link = ["g++", "-shared", "-o", str(library), *objects, f"-L{torch_lib}", f"-L{cuda_home / 'lib64'}", f"-L{cuda_home / 'targets/x86_64-linux/lib'}",
             "-lc10", "-ltorch", "-ltorch_cpu", "-lc10_cuda", "-ltorch_cuda", "-lcudart", f"-Wl,-rpath,{torch_lib}"]
     subprocess.run(link, check=True)
     (package / "_build_config.py").write_text(

@@ -16,7 +16,18 @@ if [ $# -ne 1 ]; then
 fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 logdir=$(mkdir -p "$1" && cd "$1" && pwd)
-python=${PYTHON:-python3}
+# The first of $PYTHON, python3, python that has torch.
+python=""
+for candidate in ${PYTHON:-} python3 python; do
+  if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" 2>/dev/null; then
+    python=$candidate
+    break
+  fi
+done
+if [ -z "$python" ]; then
+  echo "gpu_check: no Python with torch found (set PYTHON=/path/to/python)" | tee "$logdir/summary.txt" >&2
+  exit 1
+fi
 jobs=$(nproc)
 start=$(date +%s)
 declare -a summary=()
