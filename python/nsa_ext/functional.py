@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import validate_config
+
 Tensor = torch.Tensor
 
 
@@ -59,3 +61,53 @@ def sliding_window_attention(
     max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.sliding_window_attention_fwd(
         q, k, v, int(window), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Tuple[int, int]:
+    """Ops over compressed keys: TK is max_seqlen_k (padded; TQ when not given) or the original key
+    lengths in cu_seqlens_k (packed)."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    padded_q = 0 if packed or q.dim() < 2 else q.shape[1]
+    max_q = _max_seqlen(max_seqlen_q, cu_seqlens_q, padded_q)
+    max_k = _max_seqlen(max_seqlen_k, cu_seqlens_k, padded_q)
+    return max_q, max_k
+
+
+def select_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    lse: Tensor,
+    *,
+    compress_block: int,
+    compress_stride: int,
+    select_block: int,
+    select_count: int,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> Tensor:
+    """Top-n selection blocks per query and kv-head group (spec section 3). Not differentiable.
+
+    ``q [B, TQ, Hq, Dk]`` and ``lse [B, TQ, Hq]`` of the compressed branch (``lse`` as returned by
+    ``compressed_attention`` with the same q, k_cmp, scale), ``k_cmp [B, TC, Hk, Dk]``; packed
+    ``[total_q, Hq, Dk]``, ``[total_q, Hq]``, ``[total_c, Hk, Dk]`` with ``cu_seqlens_k`` holding the
+    ORIGINAL key lengths (k_cmp rows follow ``compressed_seqlens(cu_seqlens_k, ...)``). In padded
+    layout the original key length TK is ``max_seqlen_k``, else TQ.
+
+    Query at position t scores block j (keys ``[j*select_block, (j+1)*select_block)``) by the
+    compressed-attention probabilities of the tokens overlapping it, weighted by the number of
+    ``compress_stride`` chunks they share and summed over the group's G heads. Candidates are blocks
+    with ``j*select_block <= t``; the first ``init_blocks`` and the ``local_blocks`` ending at t's own
+    block are always kept, the other slots go to the best scores (ties to the lower j). Returns int32
+    ``[.., Hk, select_count]`` block ids, ascending, padded with -1.
+    """
+    validate_config(compress_block, compress_stride, select_block, select_count, init_blocks, local_blocks)
+    max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return torch.ops.nsa.select_blocks(
+        q, k_cmp, lse, int(compress_block), int(compress_stride), int(select_block), int(select_count),
+        int(init_blocks), int(local_blocks), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k)

@@ -53,3 +53,11 @@ def _sliding_window_backward(ctx, dout, dlse):
 
 torch.library.register_autograd("nsa::sliding_window_attention_fwd", _sliding_window_backward,
                                 setup_context=_sliding_window_setup_context)
+
+
+# --- block selection (not differentiable: its int32 output carries no gradient) -----------------
+
+@torch.library.register_fake("nsa::select_blocks")
+def _select_blocks_fake(q, k_cmp, lse, compress_block, compress_stride, select_block, select_count, init_blocks,
+                        local_blocks, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return q.new_empty((*q.shape[:-2], k_cmp.shape[-2], select_count), dtype=torch.int32)

@@ -10,6 +10,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .seqlens import compressed_seqlens, num_compressed_tokens  # noqa: F401  (part of the reference)
+
 Tensor = torch.Tensor
 
 
@@ -33,23 +35,11 @@ def window_mask(q_len: int, k_len: int, window: int, device=None) -> Tensor:
     return causal_mask(q_len, k_len, device) & (s > t - window)
 
 
-def num_compressed_tokens(k_len: int, compress_block: int, compress_stride: int) -> int:
-    """``TC = max(0, (TK - l) // d + 1)`` (spec section 1)."""
-    return max(0, (k_len - compress_block) // compress_stride + 1)
-
-
 def compressed_mask(q_len: int, k_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
     """bool [TQ, TC]: query at t sees compressed token i iff ``i*d + l - 1 <= t`` (spec section 2)."""
     t = query_positions(q_len, k_len, device)[:, None]
     i = torch.arange(num_compressed_tokens(k_len, compress_block, compress_stride), device=device)[None, :]
     return i * compress_stride + compress_block - 1 <= t
-
-
-def compressed_seqlens(cu_seqlens_k: Tensor, compress_block: int, compress_stride: int) -> Tensor:
-    """int32 cumulative compressed-token counts ``cu_seqlens_c`` from original key lengths."""
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    tokens = torch.div(lengths - compress_block, compress_stride, rounding_mode="floor").add(1).clamp_min(0)
-    return torch.cat([tokens.new_zeros(1), tokens.cumsum(0)]).to(torch.int32)
 
 
 # --- the attention core -------------------------------------------------------------------------
