@@ -11,7 +11,7 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import cu_seqlens, poisoned_outputs
+from utils import cu_seqlens, poisoned_outputs, seqlens_kwargs
 
 OPS = torch.ops.nsa
 
@@ -47,10 +47,7 @@ class Inputs:
     max_seqlen_q: Optional[int] = None
     max_seqlen_k: Optional[int] = None
 
-    @property
-    def seqlens(self) -> dict:
-        return dict(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k, max_seqlen_q=self.max_seqlen_q,
-                    max_seqlen_k=self.max_seqlen_k)
+    seqlens = property(seqlens_kwargs)
 
     def to(self, dtype) -> "Inputs":
         lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -507,15 +504,12 @@ def test_good_inputs_pass():
     assert _call_with(_packed(), {}).shape == (8, 2, 3)
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
-def test_bad_input_padded(case):
-    make, name = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=f"'{name}'"):
-        _call_with(_good(), make(_good()))
+BAD_CASES = {**{f"padded {c}": (_good, *v) for c, v in BAD_INPUTS.items()},
+             **{f"packed {c}": (_packed, *v) for c, v in BAD_PACKED.items()}}
 
 
-@pytest.mark.parametrize("case", list(BAD_PACKED), ids=list(BAD_PACKED))
-def test_bad_input_packed(case):
-    make, name = BAD_PACKED[case]
+@pytest.mark.parametrize("case", list(BAD_CASES), ids=list(BAD_CASES))
+def test_bad_input(case):
+    inputs, make, name = BAD_CASES[case]
     with pytest.raises(ValueError, match=f"'{name}'"):
-        _call_with(_packed(), make(_packed()))
+        _call_with(inputs(), make(inputs()))

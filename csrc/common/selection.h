@@ -62,11 +62,16 @@ struct BlockSelection {
     const int64_t end = position / select_block + 1;
     return end < num_blocks ? end : num_blocks;
   }
+  // The block that holds the query at `position` (>= 0).
+  NSA_HOST_DEVICE int64_t own_block(int64_t position) const { return position / select_block; }
   // Forced candidates: the first n_init blocks and the n_local blocks ending at the query's own.
+  // forced_candidate assumes `block` is a candidate of a query whose own block is `own`.
+  NSA_HOST_DEVICE bool forced_candidate(int64_t block, int64_t own) const {
+    return block < init_blocks || (block > own - local_blocks && block <= own);
+  }
   NSA_HOST_DEVICE bool forced(int64_t block, int64_t position) const {
     if (position < 0 || block < 0 || block * select_block > position) return false;
-    const int64_t own = position / select_block;
-    return block < init_blocks || (block > own - local_blocks && block <= own);
+    return forced_candidate(block, own_block(position));
   }
 };
 
