@@ -14,6 +14,16 @@ TORCH_LIBRARY(nsa, m) {
       "sliding_window_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window, float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Compressed attention (spec section 2): k_cmp/v_cmp hold compressed tokens. Padded: TK is
+  // max_seqlen_k; packed: cu_seqlens_k are the original key lengths (token offsets are derived).
+  m.def(
+      "compressed_attention_fwd(Tensor q, Tensor k_cmp, Tensor v_cmp, int compress_block, int compress_stride, "
+      "float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "compressed_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor out, "
+      "Tensor lse, int compress_block, int compress_stride, float scale, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Top-n block selection (spec section 3), not differentiable. q [B, TQ, Hq, Dk] / [total_q, Hq, Dk],
   // k_cmp [B, TC, Hk, Dk] / [total_c, Hk, Dk], lse [.., Hq] of compressed_attention. Returns int32
   // [.., Hk, select_count] block ids, ascending, -1 padded. TK is max_seqlen_k (padded) or the

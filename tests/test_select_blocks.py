@@ -262,6 +262,17 @@ def test_rows_before_the_sequence_select_nothing():
     assert check_selection(ids, x, cfg, rel=1e-9) == 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_with_lse_of_the_compressed_attention_op(packed):
+    # The pipeline as the layer runs it: lse from nsa_ext.compressed_attention in fp32.
+    q_lens, k_lens = ([100, 100], [300, 300]) if not packed else ([100, 0, 37], [300, 5, 37])
+    cfg = Config(32, 16, 64, 3, 1, 1)  # 5 blocks at T=300: free picks matter
+    x = make_inputs(q_lens, k_lens, 8, 2, 32, cfg, packed, seed=20).to(torch.float32)
+    _, x.lse = nsa_ext.compressed_attention(x.q, x.k_cmp, x.k_cmp, compress_block=32, compress_stride=16,
+                                            **x.seqlens)
+    check_selection(run(x, cfg), x, cfg, rel=1e-5)
+
+
 # --- layouts -------------------------------------------------------------------------------------
 
 def test_packed_equals_padded_per_sequence():

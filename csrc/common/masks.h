@@ -16,6 +16,11 @@ struct KeyRange {
   NSA_HOST_DEVICE bool empty() const { return begin >= end; }
 };
 
+// TC = max(0, (TK - l) // d + 1): compressed tokens of a sequence of num_keys keys (spec section 1).
+NSA_HOST_DEVICE int64_t num_compressed_tokens(int64_t num_keys, int64_t compress_block, int64_t compress_stride) {
+  return num_keys < compress_block ? 0 : (num_keys - compress_block) / compress_stride + 1;
+}
+
 struct VisibilityMask {
   enum Kind : int32_t { kWindow = 0, kCompressed = 1 };
   Kind kind;

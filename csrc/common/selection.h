@@ -1,7 +1,7 @@
 #pragma once
-// Index math of the compressed and selected branches (spec sections 1 and 3), shared by the CPU
-// kernel and future CUDA kernels; its Python twins are reference.num_compressed_tokens,
-// reference.overlap_weights and the candidate/forced masks of reference.select_blocks.
+// Index math of the selected branch (spec section 3), shared by the CPU kernel and future CUDA
+// kernels (the token count num_compressed_tokens and token visibility live in masks.h); its Python
+// twins are reference.overlap_weights and the candidate/forced masks of reference.select_blocks.
 //
 // Keys are cut into chunks of `compress_stride` (d) keys. Compressed token i covers chunks
 // [i, i + l/d) (keys [i*d, i*d + l)); selection block j covers chunks [j*l'/d, (j+1)*l'/d)
@@ -13,11 +13,6 @@
 #include "common/masks.h"
 
 namespace nsa {
-
-// Spec section 1: TC = max(0, (TK - l) // d + 1). (C++ division truncates, hence the explicit branch.)
-NSA_HOST_DEVICE int64_t num_compressed_tokens(int64_t keys, int64_t compress_block, int64_t compress_stride) {
-  return keys < compress_block ? 0 : (keys - compress_block) / compress_stride + 1;
-}
 
 // Selection blocks of a sequence of `keys` keys: ceil(TK / l').
 NSA_HOST_DEVICE int64_t num_select_blocks(int64_t keys, int64_t select_block) {

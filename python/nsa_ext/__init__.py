@@ -21,8 +21,8 @@ from . import ops  # noqa: E402,F401  (fake tensors and autograd of those operat
 from . import reference  # noqa: E402,F401
 from . import compression  # noqa: E402,F401
 from .compression import LinearCompression, MeanCompression, MLPCompression, make_compression  # noqa: E402
-from .config import validate_config  # noqa: E402
-from .functional import select_blocks, sliding_window_attention  # noqa: E402
+from .config import NSAConfig, validate_config  # noqa: E402
+from .functional import compressed_attention, select_blocks, sliding_window_attention  # noqa: E402
 from .seqlens import compressed_seqlens  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -38,7 +38,9 @@ __all__ = [
     "LinearCompression",
     "MLPCompression",
     "MeanCompression",
+    "NSAConfig",
     "build_info",
+    "compressed_attention",
     "compressed_seqlens",
     "compression",
     "make_compression",

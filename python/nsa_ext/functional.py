@@ -73,6 +73,34 @@ def _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return max_q, max_k
 
 
+def compressed_attention(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    *,
+    compress_block: int,
+    compress_stride: int,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Attention over compressed tokens (spec section 2).
+
+    Token i summarises keys ``[i*compress_stride, i*compress_stride + compress_block)``; query at
+    position t sees it iff ``i*compress_stride + compress_block - 1 <= t``. Padded layout:
+    ``k_cmp [B, TC, Hk, Dk]`` and TK (which places the queries) is ``max_seqlen_k``, default TQ;
+    rows of k_cmp beyond ``TC(TK)`` are ignored. Packed layout: ``cu_seqlens_k`` holds the ORIGINAL
+    key lengths and k_cmp rows follow ``compressed_seqlens(cu_seqlens_k, ...)``. Rows that see no
+    token (t < compress_block - 1) give out = 0 and lse = -inf. Differentiable in q, k_cmp, v_cmp.
+    """
+    max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return torch.ops.nsa.compressed_attention_fwd(
+        q, k_cmp, v_cmp, int(compress_block), int(compress_stride), _default_scale(q, scale), cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
 def select_blocks(
     q: Tensor,
     k_cmp: Tensor,

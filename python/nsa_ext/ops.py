@@ -17,42 +17,44 @@ def _attention_outputs(q: torch.Tensor, v: torch.Tensor):
     return out, lse
 
 
-def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(t.shape)
+def _register_attention(name: str) -> None:
+    """Fake tensors and autograd for an attention op pair ``{name}_fwd`` / ``{name}_bwd`` with the
+    schemas ``fwd(q, k, v, *config) -> (out, lse)`` and
+    ``bwd(dout, dlse, q, k, v, out, lse, *config) -> (dq, dk, dv)`` laid out as in
+    csrc/registration.cpp: config holds the op's sizes, scale, cu_seqlens and max_seqlens (and any
+    other non-differentiable tensors), passed through unchanged."""
+    bwd_op = getattr(torch.ops.nsa, f"{name}_bwd")
+
+    @torch.library.register_fake(f"nsa::{name}_fwd")
+    def _fwd_fake(q, k, v, *config):
+        return _attention_outputs(q, v)
+
+    @torch.library.register_fake(f"nsa::{name}_bwd")
+    def _bwd_fake(dout, dlse, q, k, v, *rest):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *config = inputs
+        tensor_slots = [i for i, c in enumerate(config) if isinstance(c, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, *output, *(config[i] for i in tensor_slots))
+        ctx.tensor_slots = tensor_slots
+        ctx.config = [None if i in tensor_slots else c for i, c in enumerate(config)]
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *config_tensors = ctx.saved_tensors
+        config = list(ctx.config)
+        for i, t in zip(ctx.tensor_slots, config_tensors):
+            config[i] = t
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, *config)
+        return (dq, dk, dv) + (None,) * len(config)
+
+    torch.library.register_autograd(f"nsa::{name}_fwd", backward, setup_context=setup_context)
 
 
-# --- sliding-window attention ----------------------------------------------------------------
-
-@torch.library.register_fake("nsa::sliding_window_attention_fwd")
-def _sliding_window_fwd_fake(q, k, v, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    return _attention_outputs(q, v)
-
-
-@torch.library.register_fake("nsa::sliding_window_attention_bwd")
-def _sliding_window_bwd_fake(dout, dlse, q, k, v, out, lse, window, scale, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k):
-    return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
-
-
-def _sliding_window_setup_context(ctx, inputs, output):
-    q, k, v, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = (window, scale)
-    ctx.seqlens = (max_seqlen_q, max_seqlen_k)
-
-
-def _sliding_window_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.nsa.sliding_window_attention_bwd(
-        dout, dlse, q, k, v, out, lse, *ctx.args, cu_seqlens_q, cu_seqlens_k, *ctx.seqlens)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("nsa::sliding_window_attention_fwd", _sliding_window_backward,
-                                setup_context=_sliding_window_setup_context)
+_register_attention("sliding_window_attention")
+_register_attention("compressed_attention")
 
 
 # --- block selection (not differentiable: its int32 output carries no gradient) -----------------
