@@ -34,7 +34,11 @@ struct BlockSelection {
 
   // Which compressed tokens a query sees: i*d + l - 1 <= t (spec section 2).
   NSA_HOST_DEVICE VisibilityMask visibility() const {
-    return VisibilityMask::compressed(compress_block, compress_stride);
+    VisibilityMask mask{};  // as VisibilityMask::compressed, which is host-only
+    mask.kind = VisibilityMask::kCompressed;
+    mask.compress_block = compress_block;
+    mask.compress_stride = compress_stride;
+    return mask;
   }
 
   // Eq. 9 of the paper as chunk counting: w(i, j) = chunks shared by token i and block j.
