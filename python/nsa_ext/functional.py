@@ -139,3 +139,50 @@ def select_blocks(
         q, k_cmp, lse, int(compress_block), int(compress_stride), int(select_block), int(select_count),
         int(init_blocks), int(local_blocks), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k)
+
+
+def native_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    config,
+    scale: Optional[float] = None,
+    k_swa: Optional[Tensor] = None,
+    v_swa: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_indices: bool = False,
+):
+    """The NSA layer's attention (spec section 6): ``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa``.
+
+    ``k``/``v`` are the selection branch's keys and values (and the window's unless ``k_swa``/
+    ``v_swa`` are given); ``k_cmp``/``v_cmp`` the compressed tokens of the compression branch's keys
+    (see ``compressed_attention`` for their layout). Gates ``[.., Hq]`` (padded ``[B, TQ, Hq]``),
+    typically sigmoids. The blocks of the selection branch come from ``select_blocks`` on the
+    compressed branch's q, k_cmp and lse; selection is not differentiable, the three attentions are.
+    ``config`` is an ``NSAConfig``. Returns ``out [.., Hq, Dv]`` (and the int32 block indices when
+    ``return_indices``).
+    """
+    scale = _default_scale(q, scale)
+    max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    seqlens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k)
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block=config.compress_block,
+                                          compress_stride=config.compress_stride, scale=scale, **seqlens)
+    indices = select_blocks(q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block=config.compress_block,
+                            compress_stride=config.compress_stride, select_block=config.select_block,
+                            select_count=config.select_count, init_blocks=config.init_blocks,
+                            local_blocks=config.local_blocks, scale=scale, **seqlens)
+    o_slc, _ = selection_attention(q, k, v, indices, select_block=config.select_block, scale=scale, **seqlens)
+    o_swa, _ = sliding_window_attention(q, k if k_swa is None else k_swa, v if v_swa is None else v_swa,
+                                        window=config.window, scale=scale, **seqlens)
+    out = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    return (out, indices) if return_indices else out

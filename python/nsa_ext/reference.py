@@ -224,3 +224,23 @@ def selection_attention(q, k, v, indices, *, select_block, scale=None, cu_seqlen
     lengths = _key_lengths(q, cu_seqlens_k, k.shape[1] if cu_seqlens_k is None else 0)
     out, lse = _map_sequences(one, q, [indices], [k, v], cu_seqlens_q, cu_seqlens_k, lengths)
     return out, lse
+
+
+def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, config, scale=None, k_swa=None,
+                            v_swa=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                            max_seqlen_k=None, return_indices=False):
+    """Spec section 6 from the reference operators: the gated sum of the three branches."""
+    seqlens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    tk = k.shape[1] if cu_seqlens_k is None else None
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block=config.compress_block,
+                                          compress_stride=config.compress_stride, scale=scale, max_seqlen_k=tk,
+                                          **seqlens)
+    indices = select_blocks(q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block=config.compress_block,
+                            compress_stride=config.compress_stride, select_block=config.select_block,
+                            select_count=config.select_count, init_blocks=config.init_blocks,
+                            local_blocks=config.local_blocks, scale=scale, max_seqlen_k=tk, **seqlens)
+    o_slc, _ = selection_attention(q, k, v, indices, select_block=config.select_block, scale=scale, **seqlens)
+    o_swa, _ = sliding_window_attention(q, k if k_swa is None else k_swa, v if v_swa is None else v_swa,
+                                        window=config.window, scale=scale, **seqlens)
+    out = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    return (out, indices) if return_indices else out
