@@ -4,11 +4,13 @@
 #include <ATen/ATen.h>
 
 #include "common/attention_params.h"
+#include "common/selection.h"
 
 namespace nsa {
 
 void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype);
+void select_blocks_cpu(const SelectParams& params, at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);

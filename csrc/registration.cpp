@@ -34,6 +34,14 @@ TORCH_LIBRARY(nsa, m) {
       "compressed_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor out, "
       "Tensor lse, int compress_block, int compress_stride, float scale, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Top-n block selection (spec section 3), not differentiable. q [B, TQ, Hq, Dk] / [total_q, Hq, Dk],
+  // k_cmp [B, TC, Hk, Dk] / [total_c, Hk, Dk], lse [.., Hq] of compressed_attention. Returns int32
+  // [.., Hk, select_count] block ids, ascending, -1 padded. TK is max_seqlen_k (padded) or the
+  // original key lengths in cu_seqlens_k (packed; k_cmp rows follow compressed_seqlens of them).
+  m.def(
+      "select_blocks(Tensor q, Tensor k_cmp, Tensor lse, int compress_block, int compress_stride, "
+      "int select_block, int select_count, int init_blocks, int local_blocks, float scale, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> Tensor");
 }
 
 namespace {

@@ -43,6 +43,8 @@ class Config:
     window: int = 512
     compress_block: int = 32
     compress_stride: int = 16
+    select_block: int = 64
+    select_count: int = 16
 
 
 def _timer(device: str) -> Callable[[Callable[[], None]], float]:
@@ -104,9 +106,23 @@ def compressed_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Ge
                                              compress_stride=cfg.compress_stride)[0], [q, k, v], backward)
 
 
+def select_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Generator):
+    """Top-n block selection from the compressed branch's lse; not differentiable, so fwd+bwd times
+    the same forward (what a training step pays for it)."""
+    tokens = max(0, (shape.seqlen - cfg.compress_block) // cfg.compress_stride + 1)
+    q = shape.randn(shape.heads_q, False, gen)
+    k = Shape(tokens, 0, 0, shape.head_dim, shape.dtype, shape.device).randn(shape.heads_k, False, gen)
+    _, lse = nsa_ext.compressed_attention(q, k, k, compress_block=cfg.compress_block,
+                                          compress_stride=cfg.compress_stride)
+    return lambda: nsa_ext.select_blocks(q, k, lse, compress_block=cfg.compress_block,
+                                         compress_stride=cfg.compress_stride, select_block=cfg.select_block,
+                                         select_count=cfg.select_count)
+
+
 WORKLOADS: Dict[str, Callable] = {
     "window": window_workload,
     "compressed": compressed_workload,
+    "select": select_workload,
 }
 
 
@@ -188,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--window", type=int, default=Config.window)
     parser.add_argument("--compress-block", type=int, default=Config.compress_block)
     parser.add_argument("--compress-stride", type=int, default=Config.compress_stride)
+    parser.add_argument("--select-block", type=int, default=Config.select_block)
+    parser.add_argument("--select-count", type=int, default=Config.select_count)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -204,12 +222,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {list(WORKLOADS)}")
     warmup, repeats = (0, 1) if args.quick else (args.warmup, args.repeats)
-    cfg = Config(args.window, args.compress_block, args.compress_stride)
+    cfg = Config(args.window, args.compress_block, args.compress_stride, args.select_block, args.select_count)
 
     info = nsa_ext.build_info()
     print(f"nsa_ext {info['version']} | torch {torch.__version__} | device {args.device} | {dtype} | "
           f"threads {torch.get_num_threads()} | Hq={args.heads} Hk={args.kv_heads} D={args.head_dim} | "
-          f"window={cfg.window} l={cfg.compress_block} d={cfg.compress_stride}")
+          f"window={cfg.window} l={cfg.compress_block} d={cfg.compress_stride} l'={cfg.select_block} "
+          f"n={cfg.select_count}")
     rows = run_benchmarks(seqlens, ops, args.modes.split(","), args.heads, args.kv_heads, args.head_dim, dtype,
                           args.device, cfg, warmup, repeats)
     print(format_table(rows))
