@@ -4,13 +4,15 @@
 #include <ATen/ATen.h>
 
 #include "common/attention_params.h"
+#include "common/selection.h"
 
 namespace nsa {
 
 void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype);
-void selection_attention_fwd_cpu(const AttentionParams& params, const BlockSelection& selection, at::ScalarType dtype);
-void selection_attention_bwd_cpu(const AttentionBwdParams& params, const BlockSelection& selection,
+void select_blocks_cpu(const SelectParams& params, at::ScalarType dtype);
+void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype);
+void selection_attention_bwd_cpu(const AttentionBwdParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA

@@ -1,7 +1,17 @@
 // The one TORCH_LIBRARY of nsa_ext: every operator schema lives here. Kernels register per backend
 // (csrc/api/*.cpp); fake tensors and autograd are registered in Python (nsa_ext/ops.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/masks.h"
+#include "common/mma_layout.h"
+#include "common/tile_schedule.h"
 
 TORCH_LIBRARY(nsa, m) {
   m.set_python_module("nsa_ext.ops");
@@ -24,6 +34,14 @@ TORCH_LIBRARY(nsa, m) {
       "compressed_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor out, "
       "Tensor lse, int compress_block, int compress_stride, float scale, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Top-n block selection (spec section 3), not differentiable. q [B, TQ, Hq, Dk] / [total_q, Hq, Dk],
+  // k_cmp [B, TC, Hk, Dk] / [total_c, Hk, Dk], lse [.., Hq] of compressed_attention. Returns int32
+  // [.., Hk, select_count] block ids, ascending, -1 padded. TK is max_seqlen_k (padded) or the
+  // original key lengths in cu_seqlens_k (packed; k_cmp rows follow compressed_seqlens of them).
+  m.def(
+      "select_blocks(Tensor q, Tensor k_cmp, Tensor lse, int compress_block, int compress_stride, "
+      "int select_block, int select_count, int init_blocks, int local_blocks, float scale, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> Tensor");
   // Selected-block attention (spec section 4): indices int32 [B, TQ, Hk, n] (packed [total_q, Hk, n])
   // name the blocks of select_block keys each (query, kv head) row attends to; -1, out-of-range and
   // future ids are ignored, a repeated id counts once. Not differentiable in indices.
@@ -35,6 +53,54 @@ TORCH_LIBRARY(nsa, m) {
       "Tensor out, Tensor lse, int select_block, float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
+
+namespace {
+
+using Cell = std::pair<int, int>;
+using Table = std::vector<std::vector<Cell>>;  // [lane][element] -> (row, col)
+
+// The fragment tables of common/mma_layout.h for all 32 lanes, for tests/test_fragment_layout.py.
+Table fragment_layout(const std::string& kind) {
+  namespace mma = nsa::mma;
+  Table table(32);
+  for (int lane = 0; lane < 32; ++lane) {
+    auto& row = table[lane];
+    auto add = [&](mma::RowCol rc) { row.emplace_back(rc.row, rc.col); };
+    if (kind == "mma_a") {
+      for (int i = 0; i < 8; ++i) add(mma::a_element(lane, i));
+    } else if (kind == "mma_b") {
+      for (int i = 0; i < 4; ++i) add(mma::b_element(lane, i));
+    } else if (kind == "mma_c") {
+      for (int i = 0; i < 4; ++i) add(mma::c_element(lane, i));
+    } else if (kind == "ldmatrix" || kind == "ldmatrix_trans") {
+      for (int i = 0; i < 2; ++i) add(mma::ldmatrix_element(lane, i, kind == "ldmatrix_trans"));
+    } else if (kind == "a_from_c") {  // (n-block, c index) feeding A element i
+      for (int i = 0; i < 8; ++i) row.emplace_back(mma::n_block_of_a(i), mma::c_index_of_a(i));
+    } else {
+      const mma::Operand op = kind.ends_with("_a")        ? mma::Operand::kA
+                              : kind.ends_with("_b_rows") ? mma::Operand::kBRows
+                              : kind.ends_with("_b_trans") ? mma::Operand::kBTrans
+                                                           : throw pybind11::value_error("unknown layout " + kind);
+      if (kind.starts_with("x4_address")) {
+        add(mma::ldmatrix_x4_address(op, lane));
+      } else if (kind.starts_with("x4_element")) {
+        for (int reg = 0; reg < 4; ++reg)
+          for (int half = 0; half < 2; ++half) add(mma::ldmatrix_x4_element(op, lane, reg, half));
+      } else {
+        throw pybind11::value_error("unknown layout " + kind);
+      }
+    }
+  }
+  return table;
+}
+
+nsa::VisibilityMask mask_of(const std::string& kind, int64_t a, int64_t b) {
+  if (kind == "window") return nsa::VisibilityMask::sliding_window(a);
+  if (kind == "compressed") return nsa::VisibilityMask::compressed(a, b);
+  throw pybind11::value_error("unknown mask " + kind);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nsa_ext native extension: loading it registers the torch.ops.nsa operators";
@@ -53,4 +119,33 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+  // Test hooks for the CUDA kernels' index math, which runs identically on the host.
+  m.def("_fragment_layout", &fragment_layout, "mma.m16n8k16 / ldmatrix fragment table: [lane][element] -> (row, col)");
+  m.def(
+      "_key_tiles",
+      [](const std::string& kind, int64_t a, int64_t b, int64_t query_offset, int64_t first_row, int64_t last_row,
+         int64_t num_keys, int64_t block_n) {
+        const nsa::KeyTiles t = nsa::key_tiles_for_rows(mask_of(kind, a, b), query_offset, first_row, last_row,
+                                                        num_keys, block_n);
+        return std::make_tuple(t.begin, t.end, t.interior_begin, t.interior_end);
+      },
+      "(begin, end, interior_begin, interior_end) key tiles of query rows [first_row, last_row]; "
+      "mask 'window' (a = w) or 'compressed' (a = block, b = stride)");
+  m.def(
+      "_queries_seeing",
+      [](const std::string& kind, int64_t a, int64_t b, int64_t key_begin, int64_t key_end, int64_t query_offset,
+         int64_t num_queries, int64_t num_keys) {
+        const nsa::QueryRange r =
+            nsa::queries_seeing(mask_of(kind, a, b), key_begin, key_end, query_offset, num_queries, num_keys);
+        return std::make_pair(r.begin, r.end);
+      },
+      "query rows [begin, end) whose key range meets keys [key_begin, key_end)");
+  m.def(
+      "_tile_is_interior",
+      [](const std::string& kind, int64_t a, int64_t b, int64_t query_offset, int64_t first_row, int64_t last_row,
+         int64_t key_begin, int64_t key_end, int64_t num_keys) {
+        return nsa::tile_is_interior(mask_of(kind, a, b), query_offset, first_row, last_row, key_begin, key_end,
+                                     num_keys);
+      },
+      "whether every query row of [first_row, last_row] sees all keys [key_begin, key_end)");
 }

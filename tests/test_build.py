@@ -27,10 +27,20 @@ def test_build_info():
 
 
 @pytest.mark.parametrize("op", ["sliding_window_attention_fwd", "sliding_window_attention_bwd",
-                                "compressed_attention_fwd", "compressed_attention_bwd",
+                                "compressed_attention_fwd", "compressed_attention_bwd", "select_blocks",
                                 "selection_attention_fwd", "selection_attention_bwd"])
 def test_ops_are_registered(op):
     assert getattr(torch.ops.nsa, op).default._schema.name == f"nsa::{op}"
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info() or shutil.which("nm") is None,
+                    reason="torch without the OpenMP backend, or no nm")
+def test_parallel_for_is_compiled_with_openmp():
+    # at::parallel_for is inline: without -fopenmp its pragma vanishes and the kernels run serially
+    # while each ATen op inside them opens its own thread team.
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", nsa_ext._C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert "GOMP_parallel" in symbols
 
 
 def _cuobjdump():

@@ -10,6 +10,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
+def seqlens_kwargs(inputs) -> dict:
+    """The layout keywords every op takes, read from an object that carries them as attributes."""
+    return dict(cu_seqlens_q=inputs.cu_seqlens_q, cu_seqlens_k=inputs.cu_seqlens_k,
+                max_seqlen_q=inputs.max_seqlen_q, max_seqlen_k=inputs.max_seqlen_k)
+
+
 @dataclass
 class Batch:
     """Attention inputs in one layout, plus what the ops need to know about it."""
@@ -21,10 +27,7 @@ class Batch:
     max_seqlen_q: Optional[int] = None
     max_seqlen_k: Optional[int] = None
 
-    @property
-    def seqlens(self) -> dict:
-        return dict(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
-                    max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
+    seqlens = property(seqlens_kwargs)
 
     def to(self, dtype=None, device=None, requires_grad=False) -> "Batch":
         def conv(t):

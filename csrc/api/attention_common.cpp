@@ -5,27 +5,14 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/host_layout.h"
 #include "common/masks.h"
 
 namespace nsa {
 
 Strides strides_of(const at::Tensor& t, bool packed) {
-  const int64_t rank = t.dim();
-  const bool has_dim = (packed ? 3 : 4) == rank;  // lse has no head-dim axis
-  const int64_t head_axis = has_dim ? rank - 2 : rank - 1;
-  return {packed ? 0 : t.stride(0), t.stride(head_axis - 1), t.stride(head_axis)};
+  return row_head_strides(t, packed, /*has_dim=*/t.dim() == (packed ? 3 : 4));  // lse has no head-dim axis
 }
-
-namespace {
-
-// cu_seqlens_c: cumulative compressed-token counts of the sequences, computed on their device.
-at::Tensor compressed_row_offsets(const at::Tensor& cu_seqlens_k, int64_t block, int64_t stride) {
-  const at::Tensor lengths = (cu_seqlens_k.slice(0, 1) - cu_seqlens_k.slice(0, 0, -1)).to(at::kLong);
-  const at::Tensor tokens = at::clamp_min(at::floor_divide(lengths - block, stride) + 1, 0);
-  return at::cat({at::zeros({1}, tokens.options()), tokens.cumsum(0)}).to(at::kInt);
-}
-
-}  // namespace
 
 DescribedInputs check_and_describe(const AttentionInputs& in) {
   const at::Tensor& q = in.q;
@@ -80,11 +67,7 @@ DescribedInputs check_and_describe(const AttentionInputs& in) {
     p.cu_seqlens_key_rows = p.cu_seqlens_k;
     if (in.compressed()) {
       described.cu_seqlens_key_rows = compressed_row_offsets(*in.cu_seqlens_k, in.compress_block, in.compress_stride);
-      if (q.is_cpu()) {
-        const int64_t needed = described.cu_seqlens_key_rows[-1].item<int64_t>();
-        NSA_CHECK_ARG(needed <= in.k.size(0), k_name, "has ", in.k.size(0), " rows, but the key lengths in ",
-                      "cu_seqlens_k make ", needed, " compressed tokens");
-      }
+      check_compressed_rows(described.cu_seqlens_key_rows, in.k, k_name);
       p.cu_seqlens_key_rows = described.cu_seqlens_key_rows.data_ptr<int32_t>();
     }
   } else {

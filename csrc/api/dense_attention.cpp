@@ -41,6 +41,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const AttentionInput
   if (!s.has_work) return {s.dq, s.dk, s.dv};
 #ifdef NSA_WITH_CUDA
   if (in.q.is_cuda()) {
+    // rowsum(dout * out) - dlse per (row, head) for the tiled bf16 / fp16 kernels, laid out like lse.
+    at::Tensor delta;
+    if (in.q.scalar_type() == at::kHalf || in.q.scalar_type() == at::kBFloat16) {
+      delta = at::empty(s.lse.sizes(), s.lse.options().dtype(at::kFloat));
+      s.params.softmax_delta = delta.data_ptr<float>();
+    }
     dense_attention_bwd_cuda(s.params, in.q.scalar_type());
     return {s.dq, s.dk, s.dv};
   }

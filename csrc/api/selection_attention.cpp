@@ -19,7 +19,7 @@ namespace {
 struct DescribedSelection {
   DescribedInputs inputs;
   at::Tensor indices;
-  BlockSelection selection;
+  SelectedBlocks selection;
 };
 
 // indices: int32 [B, TQ, Hk, n] (packed [total_q, Hk, n]) on q's device, n >= 1. Its values are

@@ -1,6 +1,6 @@
 #pragma once
 // Parameters of the attention ops (the dense-tiled family, sliding window and compressed; selected
-// blocks add a BlockSelection): raw pointers and int64 element strides, filled once on the host and
+// blocks add SelectedBlocks): raw pointers and int64 element strides, filled once on the host and
 // passed by value to CPU and CUDA kernels. Tensors are [batch, row, head, dim] (padded) or
 // [row, head, dim] (packed; batch stride 0).
 #include <cstdint>
@@ -51,10 +51,14 @@ struct AttentionBwdParams : AttentionParams {
   void* dk;          // [.., Hk, Dk]
   void* dv;          // [.., Hk, Dv]
   Strides dout_strides, dlse_strides, dq_strides, dk_strides, dv_strides;
+  // Scratch for the tiled CUDA backward: rowsum(dout * out) - dlse per (query row, head), float32,
+  // laid out like lse (lse_strides). Null where the kernel does not need it.
+  float* softmax_delta;
 };
 
 // Selected-block attention (spec section 4): which blocks of keys every (query, kv head) row attends to.
-struct BlockSelection {
+// (BlockSelection, in common/selection.h, is the configuration of select_blocks that produces them.)
+struct SelectedBlocks {
   const int32_t* indices;  // [.., Hk, count] block ids; -1, out-of-range and future ids are ignored
   Strides strides;         // of the (query row, kv head) rows; the last dim is contiguous
   int64_t count;           // n: ids per row

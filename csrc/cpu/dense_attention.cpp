@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/vec_math.h"
 #include "kernels.h"
 
 namespace nsa {
@@ -93,10 +94,13 @@ void probabilities_from_lse(const AttentionParams& p, const SeqSpan& s, int64_t 
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = g * rows + i;
       acc_t* row = scores + r * cols;
-      const acc_t row_lse = lse[r];
-      const bool live = row_lse != -std::numeric_limits<acc_t>::infinity();
-      for (int64_t j = 0; j < cols; ++j)
-        row[j] = (live && j >= c.lo && j < c.hi) ? std::exp(row[j] * acc_t(p.scale) - row_lse) : acc_t(0);
+      if (lse[r] == -std::numeric_limits<acc_t>::infinity() || c.lo >= c.hi) {
+        std::fill(row, row + cols, acc_t(0));
+        continue;
+      }
+      cpu::exp_scaled_sum(row + c.lo, c.hi - c.lo, acc_t(p.scale), lse[r]);
+      std::fill(row, row + c.lo, acc_t(0));
+      std::fill(row + c.hi, row + cols, acc_t(0));
     }
   }
 }
@@ -143,12 +147,9 @@ void forward_task(const AttentionParams& p, int64_t b, int64_t head_k, int64_t q
         for (int64_t j = c.lo; j < c.hi; ++j) tile_max = std::max(tile_max, row[j] * acc_t(p.scale));
         const acc_t new_max = std::max(row_max[r], tile_max);
         const acc_t rescale = std::exp(row_max[r] - new_max);  // 0 when row_max is -inf
-        acc_t sum = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-          const acc_t e = (j >= c.lo && j < c.hi) ? std::exp(row[j] * acc_t(p.scale) - new_max) : acc_t(0);
-          row[j] = e;
-          sum += e;
-        }
+        const acc_t sum = cpu::exp_scaled_sum(row + c.lo, c.hi - c.lo, acc_t(p.scale), new_max);
+        std::fill(row, row + c.lo, acc_t(0));
+        std::fill(row + c.hi, row + cols, acc_t(0));
         row_sum[r] = row_sum[r] * rescale + sum;
         row_max[r] = new_max;
         if (rescale != acc_t(1))

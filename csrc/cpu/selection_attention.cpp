@@ -34,6 +34,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/selection.h"
 #include "cpu/small_kernels.h"
 #include "kernels.h"
 
@@ -60,8 +61,6 @@ template <typename acc_t>
 constexpr at::ScalarType acc_scalar_type() {
   return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 }
-
-inline int64_t blocks_in(int64_t keys, int64_t block) { return keys > 0 ? (keys - 1) / block + 1 : 0; }
 
 // The blocks of ids[0 .. count) that a query at `position` sees, distinct and ascending, into `out`
 // (room for count); returns how many.
@@ -106,7 +105,7 @@ struct BlockLayout {
       query_base.push_back(total_queries);
       total_keys += s.k_len;
       total_queries += s.q_len;
-      first_block.push_back(first_block.back() + blocks_in(s.k_len, block));
+      first_block.push_back(first_block.back() + num_select_blocks(s.k_len, block));
       seq_of_block.resize(first_block.back(), b);
     }
   }
@@ -226,7 +225,7 @@ void store_stacked(void* base, const Strides& st, int64_t batch, int64_t row0, i
 // the tile's queries that chose it in ascending order.
 class TileBlocks {
  public:
-  void build(const BlockSelection& sel, const SeqSpan& s, int64_t head_k, int64_t q0, int64_t rows,
+  void build(const SelectedBlocks& sel, const SeqSpan& s, int64_t head_k, int64_t q0, int64_t rows,
              int64_t num_blocks) {
     pairs_.clear();
     ids_.resize(sel.count);
@@ -307,10 +306,10 @@ void probabilities(acc_t* scores, int64_t cols, const acc_t* lse, int64_t group,
 // head_k, in ascending block order; next is the block visited after this one (-1 for none), for
 // prefetching.
 template <typename Visit>
-void for_each_tile_block(const BlockSelection& sel, const BlockLayout& layout, const SeqSpan& s, int64_t head_k,
+void for_each_tile_block(const SelectedBlocks& sel, const BlockLayout& layout, const SeqSpan& s, int64_t head_k,
                          int64_t q0, int64_t rows, const Visit& visit) {
   TileBlocks blocks;
-  blocks.build(sel, s, head_k, q0, rows, blocks_in(s.k_len, layout.block));
+  blocks.build(sel, s, head_k, q0, rows, num_select_blocks(s.k_len, layout.block));
   BlockQueries bq;
   for (int64_t grp = 0; grp < blocks.groups(); ++grp) {
     bq.set(layout, s, blocks.block(grp), blocks.queries(grp), blocks.size(grp), q0);
@@ -322,13 +321,13 @@ void for_each_tile_block(const BlockSelection& sel, const BlockLayout& layout, c
 template <typename scalar_t, typename acc_t>
 struct Selection {
   const AttentionParams& p;
-  const BlockSelection& sel;
+  const SelectedBlocks& sel;
   BlockLayout layout;
   int64_t group, dk, dv, tile_queries;
   PackedBlocks<scalar_t, acc_t> k_t, v_t;  // K^T, V^T per block
   KeyRows<scalar_t, acc_t> k_rows, v_rows;
 
-  Selection(const AttentionParams& params, const BlockSelection& selection)
+  Selection(const AttentionParams& params, const SelectedBlocks& selection)
       : p(params),
         sel(selection),
         layout(params, selection.block),
@@ -416,13 +415,13 @@ void forward_tile(const Selection<scalar_t, acc_t>& c, int64_t b, int64_t head_k
 // For every (sequence, kv head, block): the queries of the sequence that chose the block, ascending.
 class ReverseIndex {
  public:
-  ReverseIndex(const AttentionParams& p, const BlockSelection& sel, const BlockLayout& layout) : heads_k_(p.num_heads_k) {
+  ReverseIndex(const AttentionParams& p, const SelectedBlocks& sel, const BlockLayout& layout) : heads_k_(p.num_heads_k) {
     offsets_.resize(heads_k_ * (layout.num_blocks() + p.num_seqs));
     queries_.resize(heads_k_ * sel.count * layout.total_queries);
     run_tasks(p.num_seqs * heads_k_, [&](int64_t t) {
       const int64_t b = t / heads_k_, head_k = t % heads_k_;
       const SeqSpan s = seq_span(p, b);
-      const int64_t num_blocks = blocks_in(s.k_len, sel.block);
+      const int64_t num_blocks = num_select_blocks(s.k_len, sel.block);
       int64_t* offsets = offsets_.data() + offsets_base(layout, b, head_k);
       int32_t* queries = queries_.data() + queries_base(layout, sel, s, b, head_k);
       std::vector<int32_t> ids(sel.count);
@@ -442,7 +441,7 @@ class ReverseIndex {
   }
 
   // Queries [0, count) of block j of sequence b, kv head head_k.
-  const int32_t* queries(const BlockLayout& layout, const BlockSelection& sel, const SeqSpan& s, int64_t b,
+  const int32_t* queries(const BlockLayout& layout, const SelectedBlocks& sel, const SeqSpan& s, int64_t b,
                          int64_t head_k, int64_t j, int64_t& count) const {
     const int64_t* offsets = offsets_.data() + offsets_base(layout, b, head_k);
     count = offsets[j + 1] - offsets[j];
@@ -454,7 +453,7 @@ class ReverseIndex {
     const int64_t num_blocks = layout.first_block[b + 1] - layout.first_block[b];
     return heads_k_ * (layout.first_block[b] + b) + head_k * (num_blocks + 1);
   }
-  int64_t queries_base(const BlockLayout& layout, const BlockSelection& sel, const SeqSpan& s, int64_t b,
+  int64_t queries_base(const BlockLayout& layout, const SelectedBlocks& sel, const SeqSpan& s, int64_t b,
                        int64_t head_k) const {
     return (heads_k_ * layout.query_base[b] + head_k * s.q_len) * sel.count;
   }
@@ -471,7 +470,7 @@ struct SelectionBackward : Selection<scalar_t, acc_t> {
   const AttentionBwdParams& bp;
   at::Tensor q_stacked, do_stacked, lse_stacked, delta_stacked;
 
-  SelectionBackward(const AttentionBwdParams& params, const BlockSelection& selection)
+  SelectionBackward(const AttentionBwdParams& params, const SelectedBlocks& selection)
       : Selection<scalar_t, acc_t>(params, selection), bp(params) {
     const auto options = at::TensorOptions().dtype(acc_scalar_type<acc_t>());
     const int64_t rows = this->layout.total_queries * params.num_heads_q;
@@ -597,7 +596,7 @@ void dkv_block(SelectionBackward<scalar_t, acc_t>& c, const ReverseIndex& revers
 }
 
 template <typename scalar_t, typename acc_t>
-void forward(const AttentionParams& p, const BlockSelection& sel) {
+void forward(const AttentionParams& p, const SelectedBlocks& sel) {
   Selection<scalar_t, acc_t> c(p, sel);
   c.k_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk, true);
   c.v_rows = KeyRows<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, c.dv);
@@ -609,7 +608,7 @@ void forward(const AttentionParams& p, const BlockSelection& sel) {
 }
 
 template <typename scalar_t, typename acc_t>
-void backward(const AttentionBwdParams& p, const BlockSelection& sel) {
+void backward(const AttentionBwdParams& p, const SelectedBlocks& sel) {
   SelectionBackward<scalar_t, acc_t> c(p, sel);
   c.k_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk, true);
   c.v_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, c.dv, true);
@@ -644,7 +643,7 @@ void backward(const AttentionBwdParams& p, const BlockSelection& sel) {
 
 }  // namespace
 
-void selection_attention_fwd_cpu(const AttentionParams& params, const BlockSelection& selection,
+void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_selection_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -652,7 +651,7 @@ void selection_attention_fwd_cpu(const AttentionParams& params, const BlockSelec
   });
 }
 
-void selection_attention_bwd_cpu(const AttentionBwdParams& params, const BlockSelection& selection,
+void selection_attention_bwd_cpu(const AttentionBwdParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_selection_attention_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -1,9 +1,12 @@
 // CUDA kernels of the dense-tiled attention family (sliding window, compressed tokens).
 //
+// Entry points: bf16 / fp16 calls with a supported head-dim pair go to the tiled tensor-core kernels
+// (cuda/dense/, chosen in cuda/dense/dispatch.h); everything else runs the baseline kernels below.
+//
 // Baseline implementation: one warp per (query row, head) in the forward and dq passes, one warp per
 // (key row, kv head) in the dk/dv pass, fp32 (fp64) accumulation, masks and sequence spans shared with
 // the CPU kernel (common/masks.h, common/attention_params.h). It is exact and deterministic but does
-// not use tensor cores; the tiled mma.sync kernels replace it (see the CUDA dense-attention issue).
+// not use tensor cores; it serves fp32 / fp64, other head dims and unaligned rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/dense/dispatch.h"
 #include "kernels.h"
 
 namespace nsa {
@@ -183,6 +187,7 @@ void launch(Kernel kernel, const Params& p, dim3 grid, size_t smem_per_warp) {
 }  // namespace
 
 void dense_attention_fwd_cuda(const AttentionParams& p, at::ScalarType dtype) {
+  if (tiled::try_fwd(p, dtype)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     launch(forward_kernel<scalar_t, acc_t>, p, grid_for(p.num_seqs, p.max_seqlen_q, p.num_heads_q),
@@ -191,6 +196,7 @@ void dense_attention_fwd_cuda(const AttentionParams& p, at::ScalarType dtype) {
 }
 
 void dense_attention_bwd_cuda(const AttentionBwdParams& p, at::ScalarType dtype) {
+  if (tiled::try_bwd(p, dtype)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_bwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     launch(dq_kernel<scalar_t, acc_t>, p, grid_for(p.num_seqs, p.max_seqlen_q, p.num_heads_q),

@@ -19,8 +19,12 @@ if torch.__version__ != _build_config.TORCH_VERSION:
 from . import _C  # noqa: E402  (loading it registers the torch.ops.nsa operators)
 from . import ops  # noqa: E402,F401  (fake tensors and autograd of those operators)
 from . import reference  # noqa: E402,F401
-from .functional import (compressed_attention, selection_attention, sliding_window_attention,  # noqa: E402
-                         validate_block_indices)
+from . import compression  # noqa: E402,F401
+from .compression import LinearCompression, MeanCompression, MLPCompression, make_compression  # noqa: E402
+from .config import NSAConfig, validate_config  # noqa: E402
+from .functional import (compressed_attention, select_blocks, selection_attention,  # noqa: E402
+                         sliding_window_attention, validate_block_indices)
+from .seqlens import compressed_seqlens  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -31,5 +35,20 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "compressed_attention", "reference", "selection_attention", "sliding_window_attention",
-           "validate_block_indices"]
+__all__ = [
+    "LinearCompression",
+    "MLPCompression",
+    "MeanCompression",
+    "NSAConfig",
+    "build_info",
+    "compressed_attention",
+    "compressed_seqlens",
+    "compression",
+    "make_compression",
+    "reference",
+    "select_blocks",
+    "selection_attention",
+    "sliding_window_attention",
+    "validate_block_indices",
+    "validate_config",
+]

@@ -106,6 +106,19 @@ def compressed_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Ge
                                              compress_stride=cfg.compress_stride)[0], [q, k, v], backward)
 
 
+def select_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Generator):
+    """Top-n block selection from the compressed branch's lse; not differentiable, so fwd+bwd times
+    the same forward (what a training step pays for it)."""
+    tokens = max(0, (shape.seqlen - cfg.compress_block) // cfg.compress_stride + 1)
+    q = shape.randn(shape.heads_q, False, gen)
+    k = Shape(tokens, 0, 0, shape.head_dim, shape.dtype, shape.device).randn(shape.heads_k, False, gen)
+    _, lse = nsa_ext.compressed_attention(q, k, k, compress_block=cfg.compress_block,
+                                          compress_stride=cfg.compress_stride)
+    return lambda: nsa_ext.select_blocks(q, k, lse, compress_block=cfg.compress_block,
+                                         compress_stride=cfg.compress_stride, select_block=cfg.select_block,
+                                         select_count=cfg.select_count)
+
+
 def nsa_like_indices(seqlen: int, heads_k: int, count: int, select_block: int, generator: torch.Generator,
                      init_blocks: int = 1, local_blocks: int = 2) -> torch.Tensor:
     """Block ids shaped like NSA's selection (spec section 3) for one sequence, int32 [1, T, Hk, count]:
@@ -139,11 +152,12 @@ def selection_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Gen
 WORKLOADS: Dict[str, Callable] = {
     "window": window_workload,
     "compressed": compressed_workload,
+    "select": select_workload,
     "selection": selection_workload,
 }
 
 # The torch.ops.nsa forward op behind each workload, to leave out those with no kernel for a device.
-OPS = {"window": "sliding_window_attention_fwd", "compressed": "compressed_attention_fwd",
+OPS = {"window": "sliding_window_attention_fwd", "compressed": "compressed_attention_fwd", "select": "select_blocks",
        "selection": "selection_attention_fwd"}
 
 
@@ -255,8 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = nsa_ext.build_info()
     print(f"nsa_ext {info['version']} | torch {torch.__version__} | device {args.device} | {dtype} | "
           f"threads {torch.get_num_threads()} | Hq={args.heads} Hk={args.kv_heads} D={args.head_dim} | "
-          f"window={cfg.window} l={cfg.compress_block} d={cfg.compress_stride} "
-          f"l'={cfg.select_block} n={cfg.select_count}")
+          f"window={cfg.window} l={cfg.compress_block} d={cfg.compress_stride} l'={cfg.select_block} "
+          f"n={cfg.select_count}")
     rows = run_benchmarks(seqlens, ops, args.modes.split(","), args.heads, args.kv_heads, args.head_dim, dtype,
                           args.device, cfg, warmup, repeats)
     print(format_table(rows))

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import validate_config
+
 Tensor = torch.Tensor
 
 
@@ -61,6 +63,16 @@ def sliding_window_attention(
         q, k, v, int(window), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
+def _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Tuple[int, int]:
+    """Ops over compressed keys: TK is max_seqlen_k (padded; TQ when not given) or the original key
+    lengths in cu_seqlens_k (packed)."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    padded_q = 0 if packed or q.dim() < 2 else q.shape[1]
+    max_q = _max_seqlen(max_seqlen_q, cu_seqlens_q, padded_q)
+    max_k = _max_seqlen(max_seqlen_k, cu_seqlens_k, padded_q)
+    return max_q, max_k
+
+
 def compressed_attention(
     q: Tensor,
     k_cmp: Tensor,
@@ -83,13 +95,97 @@ def compressed_attention(
     key lengths and k_cmp rows follow ``compressed_seqlens(cu_seqlens_k, ...)``. Rows that see no
     token (t < compress_block - 1) give out = 0 and lse = -inf. Differentiable in q, k_cmp, v_cmp.
     """
-    if cu_seqlens_q is None and cu_seqlens_k is None:
-        max_seqlen_q = q.shape[1] if max_seqlen_q is None else max_seqlen_q
-        max_seqlen_k = q.shape[1] if max_seqlen_k is None else max_seqlen_k
-    max_seqlen_q, max_seqlen_k = _seqlens(q, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.compressed_attention_fwd(
         q, k_cmp, v_cmp, int(compress_block), int(compress_stride), _default_scale(q, scale), cu_seqlens_q,
         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def select_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    lse: Tensor,
+    *,
+    compress_block: int,
+    compress_stride: int,
+    select_block: int,
+    select_count: int,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> Tensor:
+    """Top-n selection blocks per query and kv-head group (spec section 3). Not differentiable.
+
+    ``q [B, TQ, Hq, Dk]`` and ``lse [B, TQ, Hq]`` of the compressed branch (``lse`` as returned by
+    ``compressed_attention`` with the same q, k_cmp, scale), ``k_cmp [B, TC, Hk, Dk]``; packed
+    ``[total_q, Hq, Dk]``, ``[total_q, Hq]``, ``[total_c, Hk, Dk]`` with ``cu_seqlens_k`` holding the
+    ORIGINAL key lengths (k_cmp rows follow ``compressed_seqlens(cu_seqlens_k, ...)``). In padded
+    layout the original key length TK is ``max_seqlen_k``, else TQ.
+
+    Query at position t scores block j (keys ``[j*select_block, (j+1)*select_block)``) by the
+    compressed-attention probabilities of the tokens overlapping it, weighted by the number of
+    ``compress_stride`` chunks they share and summed over the group's G heads. Candidates are blocks
+    with ``j*select_block <= t``; the first ``init_blocks`` and the ``local_blocks`` ending at t's own
+    block are always kept, the other slots go to the best scores (ties to the lower j). Returns int32
+    ``[.., Hk, select_count]`` block ids, ascending, padded with -1.
+    """
+    validate_config(compress_block, compress_stride, select_block, select_count, init_blocks, local_blocks)
+    max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return torch.ops.nsa.select_blocks(
+        q, k_cmp, lse, int(compress_block), int(compress_stride), int(select_block), int(select_count),
+        int(init_blocks), int(local_blocks), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k)
+
+
+def native_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    config,
+    scale: Optional[float] = None,
+    k_swa: Optional[Tensor] = None,
+    v_swa: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_indices: bool = False,
+):
+    """The NSA layer's attention (spec section 6): ``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa``.
+
+    ``k``/``v`` are the selection branch's keys and values (and the window's unless ``k_swa``/
+    ``v_swa`` are given); ``k_cmp``/``v_cmp`` the compressed tokens of the compression branch's keys
+    (see ``compressed_attention`` for their layout). Gates ``[.., Hq]`` (padded ``[B, TQ, Hq]``),
+    typically sigmoids. The blocks of the selection branch come from ``select_blocks`` on the
+    compressed branch's q, k_cmp and lse; selection is not differentiable, the three attentions are.
+    ``config`` is an ``NSAConfig``. Returns ``out [.., Hq, Dv]`` (and the int32 block indices when
+    ``return_indices``).
+    """
+    scale = _default_scale(q, scale)
+    max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    seqlens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k)
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block=config.compress_block,
+                                          compress_stride=config.compress_stride, scale=scale, **seqlens)
+    indices = select_blocks(q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block=config.compress_block,
+                            compress_stride=config.compress_stride, select_block=config.select_block,
+                            select_count=config.select_count, init_blocks=config.init_blocks,
+                            local_blocks=config.local_blocks, scale=scale, **seqlens)
+    o_slc, _ = selection_attention(q, k, v, indices, select_block=config.select_block, scale=scale, **seqlens)
+    o_swa, _ = sliding_window_attention(q, k if k_swa is None else k_swa, v if v_swa is None else v_swa,
+                                        window=config.window, scale=scale, **seqlens)
+    out = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    return (out, indices) if return_indices else out
 
 
 def selection_attention(

@@ -58,3 +58,11 @@ def _register_attention(name: str, config_before_out: int = 0) -> None:
 _register_attention("sliding_window_attention")
 _register_attention("compressed_attention")
 _register_attention("selection_attention", config_before_out=1)
+
+
+# --- block selection (not differentiable: its int32 output carries no gradient) -----------------
+
+@torch.library.register_fake("nsa::select_blocks")
+def _select_blocks_fake(q, k_cmp, lse, compress_block, compress_stride, select_block, select_count, init_blocks,
+                        local_blocks, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return q.new_empty((*q.shape[:-2], k_cmp.shape[-2], select_count), dtype=torch.int32)

@@ -10,6 +10,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .seqlens import compressed_seqlens, num_compressed_tokens  # noqa: F401  (part of the reference)
+
 Tensor = torch.Tensor
 
 
@@ -33,23 +35,11 @@ def window_mask(q_len: int, k_len: int, window: int, device=None) -> Tensor:
     return causal_mask(q_len, k_len, device) & (s > t - window)
 
 
-def num_compressed_tokens(k_len: int, compress_block: int, compress_stride: int) -> int:
-    """``TC = max(0, (TK - l) // d + 1)`` (spec section 1)."""
-    return max(0, (k_len - compress_block) // compress_stride + 1)
-
-
 def compressed_mask(q_len: int, k_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
     """bool [TQ, TC]: query at t sees compressed token i iff ``i*d + l - 1 <= t`` (spec section 2)."""
     t = query_positions(q_len, k_len, device)[:, None]
     i = torch.arange(num_compressed_tokens(k_len, compress_block, compress_stride), device=device)[None, :]
     return i * compress_stride + compress_block - 1 <= t
-
-
-def compressed_seqlens(cu_seqlens_k: Tensor, compress_block: int, compress_stride: int) -> Tensor:
-    """int32 cumulative compressed-token counts ``cu_seqlens_c`` from original key lengths."""
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    tokens = torch.div(lengths - compress_block, compress_stride, rounding_mode="floor").add(1).clamp_min(0)
-    return torch.cat([tokens.new_zeros(1), tokens.cumsum(0)]).to(torch.int32)
 
 
 # --- the attention core -------------------------------------------------------------------------
@@ -234,3 +224,23 @@ def selection_attention(q, k, v, indices, *, select_block, scale=None, cu_seqlen
     lengths = _key_lengths(q, cu_seqlens_k, k.shape[1] if cu_seqlens_k is None else 0)
     out, lse = _map_sequences(one, q, [indices], [k, v], cu_seqlens_q, cu_seqlens_k, lengths)
     return out, lse
+
+
+def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, config, scale=None, k_swa=None,
+                            v_swa=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                            max_seqlen_k=None, return_indices=False):
+    """Spec section 6 from the reference operators: the gated sum of the three branches."""
+    seqlens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    tk = k.shape[1] if cu_seqlens_k is None else None
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block=config.compress_block,
+                                          compress_stride=config.compress_stride, scale=scale, max_seqlen_k=tk,
+                                          **seqlens)
+    indices = select_blocks(q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block=config.compress_block,
+                            compress_stride=config.compress_stride, select_block=config.select_block,
+                            select_count=config.select_count, init_blocks=config.init_blocks,
+                            local_blocks=config.local_blocks, scale=scale, max_seqlen_k=tk, **seqlens)
+    o_slc, _ = selection_attention(q, k, v, indices, select_block=config.select_block, scale=scale, **seqlens)
+    o_swa, _ = sliding_window_attention(q, k if k_swa is None else k_swa, v if v_swa is None else v_swa,
+                                        window=config.window, scale=scale, **seqlens)
+    out = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    return (out, indices) if return_indices else out

@@ -1,0 +1,41 @@
+"""One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
+the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
+length-1 sequence, G = 3) and the baseline fp32 kernel."""
+
+import torch
+
+import nsa_ext
+
+
+def packed(lengths, heads_q, heads_k, dim_qk, dim_v, dtype, k_lengths=None):
+    k_lengths = k_lengths or lengths
+    cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0)), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lengths), heads_q, dim_qk, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(k_lengths), heads_k, dim_qk, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(k_lengths), heads_k, dim_v, device="cuda", dtype=dtype, requires_grad=True)
+    return q, k, v, cu(lengths), cu(k_lengths)
+
+
+def main():
+    torch.manual_seed(0)
+    lengths = [70, 0, 1, 33]
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, dtype)
+        out, lse = nsa_ext.sliding_window_attention(q, k, v, window=20, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                                    max_seqlen_q=70, max_seqlen_k=70)
+        (out.float().sum() + lse.sum()).backward()
+    tokens = [(n - 32) // 16 + 1 if n >= 32 else 0 for n in (200, 0, 1, 90)]
+    q = torch.randn(sum(lengths), 6, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(tokens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(tokens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cq = torch.tensor([0, 70, 70, 71, 104], dtype=torch.int32, device="cuda")
+    ck = torch.tensor([0, 200, 200, 201, 291], dtype=torch.int32, device="cuda")
+    out, lse = nsa_ext.compressed_attention(q, k, v, compress_block=32, compress_stride=16, cu_seqlens_q=cq,
+                                            cu_seqlens_k=ck, max_seqlen_q=70, max_seqlen_k=200)
+    (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    torch.cuda.synchronize()
+    print("sanitizer_case: done")
+
+
+if __name__ == "__main__":
+    main()

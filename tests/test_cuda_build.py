@@ -1,0 +1,91 @@
+"""What the built CUDA kernels are, read from the binary without a GPU: the tiled attention kernels
+use tensor cores (HMMA in the SASS) on every requested architecture, and ptxas gave them no local
+memory or stack (no register spills)."""
+
+import re
+import subprocess
+from functools import lru_cache
+
+import pytest
+
+import nsa_ext
+
+from test_build import _cuobjdump
+
+pytestmark = pytest.mark.skipif(not nsa_ext.build_info()["cuda_kernels"], reason="CPU-only build")
+
+# Mangled names of the tiled kernels contain nsa::tiled::<name><traits>.
+TILED_KERNELS = {"fwd": "5tiled10fwd_kernel", "dq": "5tiled9dq_kernel", "dkv": "5tiled10dkv_kernel"}
+# Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
+HEAD_DIM_PAIRS = {64: "Li64ELi64E", 128: "Li128ELi128E", 192: "Li192ELi128E", 256: "Li256ELi256E"}
+
+
+def _archs():
+    """sm numbers of the cubins the build asked for, e.g. ['80', '90a']."""
+    return [a.replace("+PTX", "").replace(".", "") for a in nsa_ext.build_info()["cuda_archs"].split()]
+
+
+@lru_cache(maxsize=None)
+def _run(*args):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (it ships in the triton wheel of CUDA torch)")
+    return subprocess.run([tool, *args, nsa_ext._C.__file__], capture_output=True, text=True, check=True).stdout
+
+
+def _sass_by_function(arch):
+    """{mangled function name: SASS text} of the sm_<arch> cubin."""
+    text = _run("--dump-sass", "--gpu-architecture", f"sm_{arch}")
+    functions, name, lines = {}, None, []
+    for line in text.splitlines():
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            if name:
+                functions[name] = "\n".join(lines)
+            name, lines = match.group(1), []
+        elif name:
+            lines.append(line)
+    if name:
+        functions[name] = "\n".join(lines)
+    return functions
+
+
+def _tiled(functions):
+    return {n: body for n, body in functions.items() if any(tag in n for tag in TILED_KERNELS.values())}
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_tiled_kernels_use_tensor_cores(arch):
+    functions = _tiled(_sass_by_function(arch))
+    assert functions, f"no tiled attention kernels in the sm_{arch} cubin"
+    for kind, tag in TILED_KERNELS.items():
+        kernels = {n: body for n, body in functions.items() if tag in n}
+        assert kernels, f"no {kind} kernel for sm_{arch}"
+        for name, body in kernels.items():
+            # m16n8k16 with f32 accumulators (fp16: HMMA.16816.F32, bf16: HMMA.16816.F32.BF16).
+            assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
+            assert "LDSM.16.M88.4" in body, f"{name}: no ldmatrix.x4 (LDSM) on sm_{arch}"
+            assert "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix.x4.trans on sm_{arch}"
+            assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS) on sm_{arch}"
+
+
+
+def _resource_usage(arch):
+    """{function: {REG, STACK, SHARED, LOCAL}} from cuobjdump --dump-resource-usage for sm_<arch>."""
+    text = _run("--dump-resource-usage", "--gpu-architecture", f"sm_{arch}")
+    usage = {}
+    for match in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text):
+        name, reg, stack, shared, local = match.groups()
+        usage[name] = dict(REG=int(reg), STACK=int(stack), SHARED=int(shared), LOCAL=int(local))
+    return usage
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_tiled_kernels_do_not_spill(arch):
+    usage = {n: u for n, u in _resource_usage(arch).items() if any(t in n for t in TILED_KERNELS.values())}
+    assert usage, f"no resource usage for the tiled kernels of sm_{arch}"
+    compiled = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in usage)]
+    assert compiled, "no head-dim pair found in the kernel names"
+    for name, u in usage.items():
+        assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} on sm_{arch} spills: {u}"
+        assert u["REG"] <= 255, f"{name}: {u}"
