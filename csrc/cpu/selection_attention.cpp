@@ -21,7 +21,7 @@
 //
 // Keys are read through per-block copies made once per call: K^T (and V^T in the backward; K and V
 // too when the input dtype isn't the accumulation type), converted to fp32 (fp64), so that every
-// block is a compact operand for the small GEMMs of small_kernels.h.
+// block is a compact operand for the small GEMMs of cpu/small_gemm.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,13 +35,13 @@
 #include <vector>
 
 #include "common/selection.h"
-#include "cpu/small_kernels.h"
+#include "cpu/small_gemm.h"
+#include "cpu/vec_math.h"
 #include "kernels.h"
 
 namespace nsa {
 namespace {
 
-using cpu::exp_shifted;
 using cpu::row_max;
 using cpu::scale_add;
 using cpu::small_gemm;
@@ -113,12 +113,9 @@ struct BlockLayout {
   int64_t cols(const SeqSpan& s, int64_t j) const { return std::min(block, s.k_len - j * block); }
 };
 
-// A matrix operand: element (r, c) at data[r * ld + c].
+// A block's keys or values as a matrix operand (strided rows).
 template <typename acc_t>
-struct Operand {
-  const acc_t* data;
-  int64_t ld;
-};
+using Operand = cpu::Matrix<acc_t>;
 
 // Asks for rows [0, rows) x [0, cols) of an operand to be brought into cache (L2) ahead of use: the
 // blocks a tile visits are scattered through memory, and a group's products are too short for the
@@ -127,18 +124,18 @@ template <typename acc_t>
 void prefetch(const Operand<acc_t>& op, int64_t rows, int64_t cols) {
   constexpr int64_t kLine = 64 / sizeof(acc_t);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(op.data + r * op.ld + c, 0, 2);
+    for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(op.row_ptr(r) + c, 0, 2);
 }
 
-// Per-block copies of one of k / v in acc_t. Block j of sequence b, kv head h, sits at
-// (key_base[b] + j*l') * Hk * dim + h * cols * dim, as [dim x cols] (transposed) or [cols x dim].
+// Per-block transposed copies of k or v in acc_t: block j of sequence b, kv head h, is a [dim x cols]
+// matrix at (key_base[b] + j*l') * Hk * dim + h * cols * dim, the B operand of products with q (dout).
 template <typename scalar_t, typename acc_t>
-class PackedBlocks {
+class TransposedBlocks {
  public:
-  PackedBlocks() = default;
-  PackedBlocks(const AttentionParams& p, const BlockLayout& layout, const void* src, const Strides& st, int64_t dim,
-               bool transposed)
-      : dim_(dim), transposed_(transposed), heads_k_(p.num_heads_k) {
+  TransposedBlocks() = default;
+  TransposedBlocks(const AttentionParams& p, const BlockLayout& layout, const void* src, const Strides& st,
+                   int64_t dim)
+      : dim_(dim), heads_k_(p.num_heads_k) {
     storage_ = at::empty({layout.total_keys * p.num_heads_k * dim}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
     acc_t* dst = storage_.data_ptr<acc_t>();
     const scalar_t* base = static_cast<const scalar_t*>(src);
@@ -151,7 +148,7 @@ class PackedBlocks {
           acc_t* out = dst + offset(layout, b, j, h, cols);
           for (int64_t c = 0; c < cols; ++c) {
             const scalar_t* row = base + st.offset(s.batch, s.k_row_begin + j * layout.block + c, h);
-            for (int64_t d = 0; d < dim; ++d) out[transposed ? d * cols + c : c * dim + d] = static_cast<acc_t>(row[d]);
+            for (int64_t d = 0; d < dim; ++d) out[d * cols + c] = static_cast<acc_t>(row[d]);
           }
         }
       }
@@ -159,7 +156,7 @@ class PackedBlocks {
   }
 
   Operand<acc_t> get(const BlockLayout& layout, int64_t b, int64_t j, int64_t h, int64_t cols) const {
-    return {storage_.data_ptr<acc_t>() + offset(layout, b, j, h, cols), transposed_ ? cols : dim_};
+    return Operand<acc_t>::strided(storage_.data_ptr<acc_t>() + offset(layout, b, j, h, cols), cols);
   }
 
  private:
@@ -168,32 +165,61 @@ class PackedBlocks {
   }
   at::Tensor storage_;
   int64_t dim_ = 0;
-  bool transposed_ = false;
   int64_t heads_k_ = 0;
 };
 
-// Key rows [cols x dim] of a block: straight from the input when it is already acc_t, else from a
-// converted copy.
+// The rows of one input (q, k, v or dout) in acc_t, by (sequence, row of the sequence, head):
+// pointers straight into the input when its dtype is acc_t, else into a converted copy made once
+// per call (rows compacted sequence after sequence). Key inputs follow the sequences' key rows,
+// query inputs (q, dout) their query rows.
 template <typename scalar_t, typename acc_t>
-class KeyRows {
+class InputRows {
  public:
-  KeyRows() = default;
-  KeyRows(const AttentionParams& p, const BlockLayout& layout, const void* src, const Strides& st, int64_t dim)
-      : src_(src), st_(st) {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) packed_ = PackedBlocks<scalar_t, acc_t>(p, layout, src, st, dim, false);
-  }
-  Operand<acc_t> get(const BlockLayout& layout, const SeqSpan& s, int64_t b, int64_t j, int64_t h, int64_t cols) const {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return {static_cast<const acc_t*>(src_) + st_.offset(s.batch, s.k_row_begin + j * layout.block, h), st_.row};
-    } else {
-      return packed_.get(layout, b, j, h, cols);
+  InputRows() = default;
+  InputRows(const AttentionParams& p, const BlockLayout& layout, const void* src, const Strides& st, int64_t heads,
+            int64_t dim, bool keys)
+      : src_(static_cast<const scalar_t*>(src)), st_(st), keys_(keys) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      base_ = keys ? layout.key_base : layout.query_base;
+      copy_st_ = {0, heads * dim, dim};
+      const int64_t total = keys ? layout.total_keys : layout.total_queries;
+      copy_ = at::empty({total * heads * dim}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
+      acc_t* dst = copy_.data_ptr<acc_t>();
+      at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = std::upper_bound(base_.begin(), base_.end(), r) - base_.begin() - 1;
+          const SeqSpan s = seq_span(p, b);
+          for (int64_t h = 0; h < heads; ++h) {
+            const scalar_t* in = src_ + st_.offset(s.batch, first_row(s) + r - base_[b], h);
+            for (int64_t d = 0; d < dim; ++d) dst[r * heads * dim + h * dim + d] = static_cast<acc_t>(in[d]);
+          }
+        }
+      });
     }
   }
 
+  // Row i of sequence b (span s), head h; consecutive rows of a sequence are row_stride() apart.
+  const acc_t* row(const SeqSpan& s, int64_t b, int64_t i, int64_t h) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return src_ + st_.offset(s.batch, first_row(s) + i, h);
+    } else {
+      return copy_.data_ptr<acc_t>() + (base_[b] + i) * copy_st_.row + h * copy_st_.head;
+    }
+  }
+  int64_t row_stride() const { return std::is_same_v<scalar_t, acc_t> ? st_.row : copy_st_.row; }
+  // The block of keys [j*l', j*l' + cols) of head h as a [cols x dim] operand.
+  Operand<acc_t> block(const BlockLayout& layout, const SeqSpan& s, int64_t b, int64_t j, int64_t h) const {
+    return Operand<acc_t>::strided(row(s, b, j * layout.block, h), row_stride());
+  }
+
  private:
-  const void* src_ = nullptr;
+  int64_t first_row(const SeqSpan& s) const { return keys_ ? s.k_row_begin : s.q_row_begin; }
+  const scalar_t* src_ = nullptr;
   Strides st_{};
-  PackedBlocks<scalar_t, acc_t> packed_;
+  bool keys_ = true;
+  std::vector<int64_t> base_;
+  Strides copy_st_{};
+  at::Tensor copy_;
 };
 
 // dst[(i*G + g) * dim + d] = factor * src(row0 + i, head_k*G + g)[d]: a kv group's G heads stacked per query.
@@ -276,8 +302,8 @@ struct BlockQueries {
   bool consecutive() const { return queries[count - 1] - queries[0] == count - 1; }
 };
 
-// The values of the block's queries in `rows` (group_dim per query: their G stacked rows), one
-// query after the other: a view into `rows` when the queries are consecutive, else a copy in `buffer`.
+// The block's queries' values in `rows` (group_dim per query: their G stacked rows), one query after
+// the other: a view into `rows` when the queries are consecutive, else a copy in `buffer`.
 template <typename acc_t>
 const acc_t* gather_queries(const acc_t* rows, const BlockQueries& bq, int64_t group_dim, std::vector<acc_t>& buffer) {
   if (bq.consecutive()) return rows + bq.queries[0] * group_dim;
@@ -287,17 +313,34 @@ const acc_t* gather_queries(const acc_t* rows, const BlockQueries& bq, int64_t g
   return buffer.data();
 }
 
-// P = exp(S - lse) on the visible keys of each row, 0 elsewhere (also on rows whose lse is -inf).
+// The G rows of each of the block's queries, stacked (row u*G + g: row_of(queries[u], g)), as a
+// gathered matrix operand: no copy, the row pointers kept in `pointers`.
+template <typename acc_t, typename RowOf>
+cpu::Matrix<acc_t> query_rows(const BlockQueries& bq, int64_t group, std::vector<const acc_t*>& pointers,
+                              const RowOf& row_of) {
+  pointers.resize(bq.count * group);
+  for (int64_t u = 0; u < bq.count; ++u)
+    for (int64_t g = 0; g < group; ++g) pointers[u * group + g] = row_of(bq.queries[u], g);
+  return cpu::Matrix<acc_t>::gathered(pointers.data());
+}
+
+// Row i*G + g of a stacked tile (`dim` values per row).
+template <typename acc_t>
+auto tile_rows(const std::vector<acc_t>& tile, int64_t group, int64_t dim) {
+  return [&tile, group, dim](int64_t i, int64_t g) { return tile.data() + (i * group + g) * dim; };
+}
+
+// P = exp(scale * S - lse) on the visible keys of each row, 0 elsewhere (also on rows whose lse is -inf).
 template <typename acc_t>
 void probabilities(acc_t* scores, int64_t cols, const acc_t* lse, int64_t group, int64_t count,
-                   const int64_t* visible) {
+                   const int64_t* visible, acc_t scale) {
   for (int64_t u = 0; u < count; ++u)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = u * group + g;
       acc_t* row = scores + r * cols;
       const bool live = lse[r] != -std::numeric_limits<acc_t>::infinity();
       const int64_t vis = live ? visible[u] : 0;
-      if (vis > 0) exp_shifted(row, vis, lse[r]);
+      if (vis > 0) cpu::exp_scaled_sum(row, vis, scale, lse[r]);
       std::fill(row + vis, row + cols, acc_t(0));
     }
 }
@@ -324,8 +367,8 @@ struct Selection {
   const SelectedBlocks& sel;
   BlockLayout layout;
   int64_t group, dk, dv, tile_queries;
-  PackedBlocks<scalar_t, acc_t> k_t, v_t;  // K^T, V^T per block
-  KeyRows<scalar_t, acc_t> k_rows, v_rows;
+  TransposedBlocks<scalar_t, acc_t> k_t, v_t;  // K^T, V^T per block
+  InputRows<scalar_t, acc_t> k_rows, v_rows;
 
   Selection(const AttentionParams& params, const SelectedBlocks& selection)
       : p(params),
@@ -342,13 +385,13 @@ struct Selection {
   void prefetch_forward(const SeqSpan& s, int64_t b, int64_t head_k, int64_t j) const {
     const int64_t cols = layout.cols(s, j);
     prefetch(k_t.get(layout, b, j, head_k, cols), dk, cols);
-    prefetch(v_rows.get(layout, s, b, j, head_k, cols), cols, dv);
+    prefetch(v_rows.block(layout, s, b, j, head_k), cols, dv);
   }
   void prefetch_backward(const SeqSpan& s, int64_t b, int64_t head_k, int64_t j) const {
     const int64_t cols = layout.cols(s, j);
     prefetch(k_t.get(layout, b, j, head_k, cols), dk, cols);
     prefetch(v_t.get(layout, b, j, head_k, cols), dv, cols);
-    prefetch(k_rows.get(layout, s, b, j, head_k, cols), cols, dk);
+    prefetch(k_rows.block(layout, s, b, j, head_k), cols, dk);
   }
 
   int64_t tiles() const { return (p.max_seqlen_q + tile_queries - 1) / tile_queries; }
@@ -373,15 +416,15 @@ void forward_tile(const Selection<scalar_t, acc_t>& c, int64_t b, int64_t head_k
   std::vector<acc_t> q_tile(tile_m * dk), acc(tile_m * dv, 0), run_max(tile_m, kNegInf), run_sum(tile_m, 0);
   load_stacked<scalar_t, acc_t>(q_tile.data(), p.q, p.q_strides, s.batch, s.q_row_begin + q0, rows, head_k, G, dk,
                                 acc_t(p.scale));
-  std::vector<acc_t> q_buf, scores, out_tmp, rescale;
+  std::vector<acc_t> scores, out_tmp, rescale;
+  std::vector<const acc_t*> q_ptrs;
   for_each_tile_block(c.sel, c.layout, s, head_k, q0, rows, [&](const BlockQueries& bq, int64_t next) {
     const int64_t j = bq.block, m = bq.count * G, n = bq.keys();
-    const acc_t* q_rows = gather_queries(q_tile.data(), bq, G * dk, q_buf);
+    const auto q_rows = query_rows(bq, G, q_ptrs, tile_rows(q_tile, G, dk));
     if (next >= 0) c.prefetch_forward(s, b, head_k, next);
 
     scores.resize(m * n);
-    const Operand<acc_t> kt = c.k_t.get(c.layout, b, j, head_k, bq.cols);
-    small_gemm(m, n, dk, q_rows, dk, int64_t(1), kt.data, kt.ld, scores.data(), n, false);
+    small_gemm(m, n, dk, q_rows, c.k_t.get(c.layout, b, j, head_k, bq.cols), scores.data(), n, false);
     rescale.resize(m);
     for (int64_t u = 0; u < bq.count; ++u)
       for (int64_t g = 0; g < G; ++g) {
@@ -389,13 +432,13 @@ void forward_tile(const Selection<scalar_t, acc_t>& c, int64_t b, int64_t head_k
         acc_t* row = scores.data() + r * n;
         const acc_t new_max = std::max(run_max[R], row_max(row, bq.visible[u]));
         rescale[r] = std::exp(run_max[R] - new_max);  // 0 while the row has seen nothing
-        run_sum[R] = run_sum[R] * rescale[r] + exp_shifted(row, bq.visible[u], new_max);
+        run_sum[R] = run_sum[R] * rescale[r] + cpu::exp_scaled_sum(row, bq.visible[u], acc_t(1), new_max);
         run_max[R] = new_max;
         std::fill(row + bq.visible[u], row + n, acc_t(0));
       }
     out_tmp.resize(m * dv);
-    const Operand<acc_t> vr = c.v_rows.get(c.layout, s, b, j, head_k, bq.cols);
-    small_gemm(m, dv, n, scores.data(), n, int64_t(1), vr.data, vr.ld, out_tmp.data(), dv, false);
+    small_gemm(m, dv, n, Operand<acc_t>::strided(scores.data(), n), c.v_rows.block(c.layout, s, b, j, head_k),
+               out_tmp.data(), dv, false);
     for (int64_t r = 0; r < m; ++r)
       scale_add(acc.data() + (bq.queries[r / G] * G + r % G) * dv, rescale[r], out_tmp.data() + r * dv, dv);
   });
@@ -462,25 +505,22 @@ class ReverseIndex {
   std::vector<int32_t> queries_;
 };
 
-// Backward state beyond Selection: per (kv head, query) the G rows of scale * q and of dout, and
-// their lse and delta = rowsum(dout * out) - dlse, stacked contiguously. The dq pass writes them
-// (it loads them anyway) and the dkv pass gathers its rows from them with plain copies.
+// Backward state beyond Selection: the rows of q and dout for the dkv pass, and per (kv head,
+// query) the lse and delta = rowsum(dout * out) - dlse of the G heads, stacked: the dq pass writes
+// them (it loads them anyway), the dkv pass gathers them.
 template <typename scalar_t, typename acc_t>
 struct SelectionBackward : Selection<scalar_t, acc_t> {
   const AttentionBwdParams& bp;
-  at::Tensor q_stacked, do_stacked, lse_stacked, delta_stacked;
+  InputRows<scalar_t, acc_t> q_rows, do_rows;
+  std::vector<acc_t> lse_stacked, delta_stacked;
 
   SelectionBackward(const AttentionBwdParams& params, const SelectedBlocks& selection)
-      : Selection<scalar_t, acc_t>(params, selection), bp(params) {
-    const auto options = at::TensorOptions().dtype(acc_scalar_type<acc_t>());
-    const int64_t rows = this->layout.total_queries * params.num_heads_q;
-    q_stacked = at::empty({rows * this->dk}, options);
-    do_stacked = at::empty({rows * this->dv}, options);
-    lse_stacked = at::empty({rows}, options);
-    delta_stacked = at::empty({rows}, options);
-  }
+      : Selection<scalar_t, acc_t>(params, selection),
+        bp(params),
+        lse_stacked(this->layout.total_queries * params.num_heads_q),
+        delta_stacked(this->layout.total_queries * params.num_heads_q) {}
 
-  // Stacked row of (sequence b, query i, kv head head_k), head 0 of the group.
+  // Stacked position of (sequence b, query i, kv head head_k), head 0 of the group.
   int64_t stacked_row(int64_t b, int64_t head_k, int64_t i) const {
     return ((head_k * this->layout.total_queries) + this->layout.query_base[b] + i) * this->group;
   }
@@ -509,32 +549,28 @@ void dq_tile(SelectionBackward<scalar_t, acc_t>& c, int64_t b, int64_t head_k, i
     for (int64_t d = 0; d < dv; ++d) dot += do_tile[R * dv + d] * o_tile[R * dv + d];
     delta[R] = dot - (dlse_in ? dlse_in[p.dlse_strides.offset(s.batch, row0 + i, head)] : acc_t(0));
   }
-  const int64_t stacked = c.stacked_row(b, head_k, q0);
-  std::copy(q_tile.begin(), q_tile.end(), c.q_stacked.template data_ptr<acc_t>() + stacked * dk);
-  std::copy(do_tile.begin(), do_tile.end(), c.do_stacked.template data_ptr<acc_t>() + stacked * dv);
-  std::copy(lse.begin(), lse.end(), c.lse_stacked.template data_ptr<acc_t>() + stacked);
-  std::copy(delta.begin(), delta.end(), c.delta_stacked.template data_ptr<acc_t>() + stacked);
+  std::copy(lse.begin(), lse.end(), c.lse_stacked.begin() + c.stacked_row(b, head_k, q0));
+  std::copy(delta.begin(), delta.end(), c.delta_stacked.begin() + c.stacked_row(b, head_k, q0));
 
-  std::vector<acc_t> q_buf, do_buf, lse_buf, scores, dprobs, dq_tmp;
+  std::vector<acc_t> lse_buf, scores, dprobs, dq_tmp;
+  std::vector<const acc_t*> q_ptrs, do_ptrs;
   for_each_tile_block(c.sel, c.layout, s, head_k, q0, rows, [&](const BlockQueries& bq, int64_t next) {
     const int64_t j = bq.block, m = bq.count * G, n = bq.keys();
-    const acc_t* q_rows = gather_queries(q_tile.data(), bq, G * dk, q_buf);
-    const acc_t* do_rows = gather_queries(do_tile.data(), bq, G * dv, do_buf);
+    const auto q_rows = query_rows(bq, G, q_ptrs, tile_rows(q_tile, G, dk));
+    const auto do_rows = query_rows(bq, G, do_ptrs, tile_rows(do_tile, G, dv));
     const acc_t* lse_rows = gather_queries(lse.data(), bq, G, lse_buf);
     if (next >= 0) c.prefetch_backward(s, b, head_k, next);
 
     scores.resize(m * n);
     dprobs.resize(m * n);
-    const Operand<acc_t> kt = c.k_t.get(c.layout, b, j, head_k, bq.cols);
-    const Operand<acc_t> vt = c.v_t.get(c.layout, b, j, head_k, bq.cols);
-    small_gemm(m, n, dk, q_rows, dk, int64_t(1), kt.data, kt.ld, scores.data(), n, false);
-    probabilities(scores.data(), n, lse_rows, G, bq.count, bq.visible.data());
-    small_gemm(m, n, dv, do_rows, dv, int64_t(1), vt.data, vt.ld, dprobs.data(), n, false);
+    small_gemm(m, n, dk, q_rows, c.k_t.get(c.layout, b, j, head_k, bq.cols), scores.data(), n, false);
+    probabilities(scores.data(), n, lse_rows, G, bq.count, bq.visible.data(), acc_t(1));  // q is scaled
+    small_gemm(m, n, dv, do_rows, c.v_t.get(c.layout, b, j, head_k, bq.cols), dprobs.data(), n, false);
     for (int64_t r = 0; r < m; ++r)
       softmax_grad(scores.data() + r * n, dprobs.data() + r * n, n, delta[bq.queries[r / G] * G + r % G]);
     dq_tmp.resize(m * dk);
-    const Operand<acc_t> kr = c.k_rows.get(c.layout, s, b, j, head_k, bq.cols);
-    small_gemm(m, dk, n, scores.data(), n, int64_t(1), kr.data, kr.ld, dq_tmp.data(), dk, false);
+    small_gemm(m, dk, n, Operand<acc_t>::strided(scores.data(), n), c.k_rows.block(c.layout, s, b, j, head_k),
+               dq_tmp.data(), dk, false);
     for (int64_t r = 0; r < m; ++r)
       scale_add(dq_acc.data() + (bq.queries[r / G] * G + r % G) * dk, acc_t(1), dq_tmp.data() + r * dk, dk);
   });
@@ -557,32 +593,38 @@ void dkv_block(SelectionBackward<scalar_t, acc_t>& c, const ReverseIndex& revers
   const int64_t start = bq.start, cols = bq.cols;
   const Operand<acc_t> kt = c.k_t.get(c.layout, b, j, head_k, cols);
   const Operand<acc_t> vt = c.v_t.get(c.layout, b, j, head_k, cols);
-  // The sequence's rows for this kv head in the stacked buffers; query i at row i * G.
-  const int64_t first = c.stacked_row(b, head_k, 0);
-  const acc_t* q_all = c.q_stacked.template data_ptr<acc_t>() + first * dk;
-  const acc_t* do_all = c.do_stacked.template data_ptr<acc_t>() + first * dv;
-  const acc_t* lse_all = c.lse_stacked.template data_ptr<acc_t>() + first;
-  const acc_t* delta_all = c.delta_stacked.template data_ptr<acc_t>() + first;
+  // lse and delta of the sequence's queries for this kv head (query i at i * G); their q and dout rows.
+  const acc_t* lse_all = c.lse_stacked.data() + c.stacked_row(b, head_k, 0);
+  const acc_t* delta_all = c.delta_stacked.data() + c.stacked_row(b, head_k, 0);
+  const auto q_of = [&](int64_t i, int64_t g) { return c.q_rows.row(s, b, i, head_k * G + g); };
+  const auto do_of = [&](int64_t i, int64_t g) { return c.do_rows.row(s, b, i, head_k * G + g); };
 
   std::vector<acc_t> dk_acc(cols * dk, 0), dv_acc(cols * dv, 0);
-  std::vector<acc_t> q_buf, do_buf, lse_buf, delta_buf, scores, dprobs;
+  std::vector<acc_t> lse_buf, delta_buf, scores, dprobs;
+  std::vector<const acc_t*> q_ptrs, do_ptrs;
   for (int64_t u0 = 0; u0 < total; u0 += chunk) {
     bq.set(c.layout, s, j, chosen_by + u0, std::min(chunk, total - u0), 0);
     const int64_t m = bq.count * G, n = bq.keys();
-    const acc_t* q_rows = gather_queries(q_all, bq, G * dk, q_buf);
-    const acc_t* do_rows = gather_queries(do_all, bq, G * dv, do_buf);
+    // The next chunk's rows are scattered through q and dout: ask for them early.
+    for (int64_t u = u0 + chunk; u < std::min(total, u0 + 2 * chunk); ++u)
+      for (int64_t g = 0; g < G; ++g) {
+        prefetch(Operand<acc_t>::strided(q_of(chosen_by[u], g), dk), 1, dk);
+        prefetch(Operand<acc_t>::strided(do_of(chosen_by[u], g), dv), 1, dv);
+      }
+    const auto q_rows = query_rows(bq, G, q_ptrs, q_of);
+    const auto do_rows = query_rows(bq, G, do_ptrs, do_of);
     const acc_t* lse = gather_queries(lse_all, bq, G, lse_buf);
     const acc_t* delta = gather_queries(delta_all, bq, G, delta_buf);
     scores.resize(m * n);
     dprobs.resize(m * n);
-    small_gemm(m, n, dk, q_rows, dk, int64_t(1), kt.data, kt.ld, scores.data(), n, false);
-    probabilities(scores.data(), n, lse, G, bq.count, bq.visible.data());
-    // dV += P^T dO: A is P read transposed.
-    small_gemm(n, dv, m, scores.data(), int64_t(1), n, do_rows, dv, dv_acc.data(), dv, true);
-    small_gemm(m, n, dv, do_rows, dv, int64_t(1), vt.data, vt.ld, dprobs.data(), n, false);
+    small_gemm(m, n, dk, q_rows, kt, scores.data(), n, false);
+    probabilities(scores.data(), n, lse, G, bq.count, bq.visible.data(), acc_t(p.scale));
+    // dV += P^T dO and, below, dK += dS^T q (scaled when stored): A is P (dS) read transposed.
+    const auto scores_t = Operand<acc_t>::strided(scores.data(), 1, n);
+    small_gemm(n, dv, m, scores_t, do_rows, dv_acc.data(), dv, true);
+    small_gemm(m, n, dv, do_rows, vt, dprobs.data(), n, false);
     for (int64_t r = 0; r < m; ++r) softmax_grad(scores.data() + r * n, dprobs.data() + r * n, n, delta[r]);
-    // dK += dS^T (scale q): the scale is already in q_rows.
-    small_gemm(n, dk, m, scores.data(), int64_t(1), n, q_rows, dk, dk_acc.data(), dk, true);
+    small_gemm(n, dk, m, scores_t, q_rows, dk_acc.data(), dk, true);
   }
   scalar_t* dk_out = static_cast<scalar_t*>(p.dk);
   scalar_t* dv_out = static_cast<scalar_t*>(p.dv);
@@ -590,7 +632,7 @@ void dkv_block(SelectionBackward<scalar_t, acc_t>& c, const ReverseIndex& revers
     const int64_t row = s.k_row_begin + start + x;
     scalar_t* dk_row = dk_out + p.dk_strides.offset(s.batch, row, head_k);
     scalar_t* dv_row = dv_out + p.dv_strides.offset(s.batch, row, head_k);
-    for (int64_t d = 0; d < dk; ++d) dk_row[d] = static_cast<scalar_t>(dk_acc[x * dk + d]);
+    for (int64_t d = 0; d < dk; ++d) dk_row[d] = static_cast<scalar_t>(acc_t(p.scale) * dk_acc[x * dk + d]);
     for (int64_t d = 0; d < dv; ++d) dv_row[d] = static_cast<scalar_t>(dv_acc[x * dv + d]);
   }
 }
@@ -598,8 +640,8 @@ void dkv_block(SelectionBackward<scalar_t, acc_t>& c, const ReverseIndex& revers
 template <typename scalar_t, typename acc_t>
 void forward(const AttentionParams& p, const SelectedBlocks& sel) {
   Selection<scalar_t, acc_t> c(p, sel);
-  c.k_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk, true);
-  c.v_rows = KeyRows<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, c.dv);
+  c.k_t = TransposedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk);
+  c.v_rows = InputRows<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, p.num_heads_k, c.dv, true);
   run_tasks(c.tile_tasks(), [&](int64_t t) {
     int64_t b, head_k, q0;
     c.tile_task(t, b, head_k, q0);
@@ -610,9 +652,11 @@ void forward(const AttentionParams& p, const SelectedBlocks& sel) {
 template <typename scalar_t, typename acc_t>
 void backward(const AttentionBwdParams& p, const SelectedBlocks& sel) {
   SelectionBackward<scalar_t, acc_t> c(p, sel);
-  c.k_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk, true);
-  c.v_t = PackedBlocks<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, c.dv, true);
-  c.k_rows = KeyRows<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk);
+  c.k_t = TransposedBlocks<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, c.dk);
+  c.v_t = TransposedBlocks<scalar_t, acc_t>(p, c.layout, p.v, p.v_strides, c.dv);
+  c.k_rows = InputRows<scalar_t, acc_t>(p, c.layout, p.k, p.k_strides, p.num_heads_k, c.dk, true);
+  c.q_rows = InputRows<scalar_t, acc_t>(p, c.layout, p.q, p.q_strides, p.num_heads_q, c.dk, false);
+  c.do_rows = InputRows<scalar_t, acc_t>(p, c.layout, p.dout, p.dout_strides, p.num_heads_q, c.dv, false);
   const ReverseIndex reverse(p, sel, c.layout);
 
   run_tasks(c.tile_tasks(), [&](int64_t t) {

@@ -1,55 +1,56 @@
 #pragma once
-// Row operations of the CPU softmax, written so that GCC vectorises them (this file's users compile
-// with -fno-trapping-math, which lets it turn the clamps into vector min/max), with an AVX2 clone
-// chosen at load time. exp is the Cephes single-precision polynomial (<= 2 ulp over the softmax
-// range); std::exp cost more than the tile products themselves (measured: 5.8 vs 1.9 ns/element).
-#include <bit>
+// Row operations of the CPU softmax. The float versions (cpu/vec_math.cpp) run AVX2+FMA code when
+// the CPU has it, chosen at run time, and the portable loops below otherwise; the double versions
+// are the loops. exp is the Cephes single-precision polynomial (<= 2 ulp over the softmax range):
+// std::exp cost more than the tile products themselves (measured: 5.8 vs 1.9 ns/element; 0.84 with
+// AVX2). Each result is computed in a fixed order, whatever the thread or call layout.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace nsa::cpu {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NSA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define NSA_VECTOR_CLONES
-#endif
+namespace loops {
 
-// row[j] = exp(row[j] * scale - shift) for j in [0, n); arguments <= 0 in softmax use, so results
-// underflow to 0 rather than overflow. Returns the sum of the results.
-NSA_VECTOR_CLONES inline float exp_scaled_sum(float* row, int64_t n, float scale, float shift) {
-  for (int64_t j = 0; j < n; ++j) {
-    float x = row[j] * scale - shift;
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504088896341f;
-    const float n_float = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
-    const int32_t n_int = static_cast<int32_t>(n_float);
-    const float r = x - n_float * 0.693359375f + n_float * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    row[j] = p * std::bit_cast<float>((n_int + 127) << 23);
-  }
-  // Eight running sums in a fixed order: vectorisable and still deterministic.
-  constexpr int kLanes = 8;
-  float partial[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += row[j + lane];
-  float sum = 0;
-  for (; j < n; ++j) sum += row[j];
-  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
-  return sum;
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  return *std::max_element(x, x + n);
 }
+
+template <typename T>
+void softmax_grad(T* p, const T* dp, int64_t n, T delta) {
+  for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
+}
+
+template <typename T>
+void scale_add(T* y, T alpha, const T* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = alpha * y[j] + x[j];
+}
+
+}  // namespace loops
+
+// row[j] = exp(row[j] * scale - shift) for j in [0, n); returns the sum of the results. In softmax
+// use the arguments are <= 0, so results underflow to 0 rather than overflow.
+float exp_scaled_sum(float* row, int64_t n, float scale, float shift);
 
 inline double exp_scaled_sum(double* row, int64_t n, double scale, double shift) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] * scale - shift));
   return sum;
 }
+
+// max(x[0 .. n)), n >= 1.
+float row_max(const float* x, int64_t n);
+inline double row_max(const double* x, int64_t n) { return loops::row_max(x, n); }
+
+// p[j] *= dp[j] - delta: the softmax gradient dS = P (dP - delta) of one row.
+void softmax_grad(float* p, const float* dp, int64_t n, float delta);
+inline void softmax_grad(double* p, const double* dp, int64_t n, double delta) {
+  loops::softmax_grad(p, dp, n, delta);
+}
+
+// y[j] = alpha * y[j] + x[j].
+void scale_add(float* y, float alpha, const float* x, int64_t n);
+inline void scale_add(double* y, double alpha, const double* x, int64_t n) { loops::scale_add(y, alpha, x, n); }
 
 }  // namespace nsa::cpu
