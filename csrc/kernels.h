@@ -11,6 +11,9 @@ namespace nsa {
 void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype);
 void select_blocks_cpu(const SelectParams& params, at::ScalarType dtype);
+void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype);
+void selection_attention_bwd_cpu(const AttentionBwdParams& params, const SelectedBlocks& selection,
+                                 at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);

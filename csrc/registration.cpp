@@ -42,6 +42,16 @@ TORCH_LIBRARY(nsa, m) {
       "select_blocks(Tensor q, Tensor k_cmp, Tensor lse, int compress_block, int compress_stride, "
       "int select_block, int select_count, int init_blocks, int local_blocks, float scale, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> Tensor");
+  // Selected-block attention (spec section 4): indices int32 [B, TQ, Hk, n] (packed [total_q, Hk, n])
+  // name the blocks of select_block keys each (query, kv head) row attends to; -1, out-of-range and
+  // future ids are ignored, a repeated id counts once. Not differentiable in indices.
+  m.def(
+      "selection_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, int select_block, float scale, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor out, Tensor lse)");
+  m.def(
+      "selection_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor indices, "
+      "Tensor out, Tensor lse, int select_block, float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

@@ -27,7 +27,8 @@ def test_build_info():
 
 
 @pytest.mark.parametrize("op", ["sliding_window_attention_fwd", "sliding_window_attention_bwd",
-                                "compressed_attention_fwd", "compressed_attention_bwd", "select_blocks"])
+                                "compressed_attention_fwd", "compressed_attention_bwd", "select_blocks",
+                                "selection_attention_fwd", "selection_attention_bwd"])
 def test_ops_are_registered(op):
     assert getattr(torch.ops.nsa, op).default._schema.name == f"nsa::{op}"
 

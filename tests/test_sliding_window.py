@@ -7,8 +7,10 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import (DEVICES, LOW_PRECISION, assert_close_fp32, assert_within_torch_error, finite_cotangent, grads,
-                   max_error, poisoned_outputs, random_batch)
+from utils import (DEVICES, LOW_PRECISION, assert_close_fp32, assert_within_torch_error, check_compiled_matches_eager,
+                   check_compiled_without_graph_break, check_deterministic_across_thread_counts, check_export,
+                   check_fake_matches_real, check_opcheck, check_packed_equals_padded, finite_cotangent, grads,
+                   max_error, poisoned_outputs, random_batch, strided_qkv)
 
 OPS = torch.ops.nsa
 
@@ -132,22 +134,8 @@ def test_packed_equals_padded_per_sequence():
     gen = torch.Generator().manual_seed(5)
     lengths = [0, 1, 17, 64, 65, 3, 0, 130]
     packed = random_batch(lengths, lengths, 8, 2, 24, 16, packed=True, dtype=torch.float32, generator=gen)
-    packed = packed.to(torch.float32, requires_grad=True)
-    out, lse = run(packed, 16)
-    dout = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad((out * dout).sum(), (packed.q, packed.k, packed.v))
-    starts = packed.cu_seqlens_q.tolist()
-    for i, n in enumerate(lengths):
-        if n == 0:
-            continue
-        rows = slice(starts[i], starts[i] + n)
-        q, k, v = (t.detach()[rows][None].clone().requires_grad_() for t in (packed.q, packed.k, packed.v))
-        o1, l1 = nsa_ext.sliding_window_attention(q, k, v, window=16)
-        g = torch.autograd.grad((o1 * dout[rows][None]).sum(), (q, k, v))
-        torch.testing.assert_close(o1[0], out[rows], rtol=0, atol=1e-6)
-        torch.testing.assert_close(l1[0], lse[rows], rtol=0, atol=1e-6)
-        for a, b in zip(g, (dq, dk, dv)):
-            torch.testing.assert_close(a[0], b[rows], rtol=0, atol=1e-5)
+    check_packed_equals_padded(lambda q, k, v, **seqlens: nsa_ext.sliding_window_attention(q, k, v, window=16,
+                                                                                            **seqlens), packed)
 
 
 def test_packed_rows_outside_every_sequence_are_defined():
@@ -160,11 +148,7 @@ def test_packed_rows_outside_every_sequence_are_defined():
 
 
 def test_non_contiguous_inputs():
-    gen = torch.Generator().manual_seed(8)
-    base = torch.randn(2, 50, 6, 32, generator=gen)
-    q = base[:, :, :4, :16]             # heads and head dim sliced: strided rows and heads
-    k = base[:, :, 4:5, 16:]
-    v = torch.randn(2, 4, 50, 8, generator=gen).transpose(1, 2)[:, :, :1]
+    q, k, v = strided_qkv(torch.Generator().manual_seed(8))
     out, lse = nsa_ext.sliding_window_attention(q, k, v, window=9)
     ref_out, ref_lse = reference.sliding_window_attention(q.double(), k.double(), v.double(), window=9)
     assert_close_fp32(out, ref_out, name="out")
@@ -177,19 +161,13 @@ def test_backward_is_bitwise_deterministic_across_thread_counts():
     gen = torch.Generator().manual_seed(9)
     b = random_batch([300], [300], 8, 2, 32, 32, packed=False, dtype=torch.float32, generator=gen)
     dout = torch.randn(1, 300, 8, 32, generator=gen)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (threads, threads, 1):
-            torch.set_num_threads(n)
-            x = b.to(torch.float32, requires_grad=True)
-            out, _ = run(x, 77)
-            results.append(torch.autograd.grad((out * dout).sum(), (x.q, x.k, x.v)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, c in zip(results[0], other):
-            assert torch.equal(a, c)
+
+    def run_once():
+        x = b.to(torch.float32, requires_grad=True)
+        out, _ = run(x, 77)
+        return torch.autograd.grad((out * dout).sum(), (x.q, x.k, x.v))
+
+    check_deterministic_across_thread_counts(run_once)
 
 
 # --- torch.library / compile / export -------------------------------------------------------------
@@ -209,41 +187,18 @@ def opcheck_samples(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for args in opcheck_samples(device):
-        torch.library.opcheck(OPS.sliding_window_attention_fwd.default, args)
-        q, k, v = args[:3]
-        out, lse = OPS.sliding_window_attention_fwd(*args)
-        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-        bwd_args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
-        torch.library.opcheck(OPS.sliding_window_attention_bwd.default, bwd_args)
-        torch.library.opcheck(OPS.sliding_window_attention_bwd.default, (dout, None, *bwd_args[2:]))
+    check_opcheck(OPS.sliding_window_attention_fwd, OPS.sliding_window_attention_bwd, opcheck_samples(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_dynamic(device):
-    torch._dynamo.reset()
-
-    @torch.compile(fullgraph=True, dynamic=True)
-    def layer(q, k, v):
-        out, lse = nsa_ext.sliding_window_attention(q, k, v, window=8)
-        return (out * 2).sum() + lse.sum()
-
     gen = torch.Generator().manual_seed(11)
-    for t in (33, 47):  # two lengths: the second reuses the dynamic graph
-        b = random_batch([t], [t], 4, 2, 16, 8, packed=False, dtype=torch.float32, generator=gen)
-        eager_in = b.to(torch.float32, device, requires_grad=True)
-        comp_in = b.to(torch.float32, device, requires_grad=True)
-        out_eager, lse_eager = nsa_ext.sliding_window_attention(eager_in.q, eager_in.k, eager_in.v, window=8)
-        loss_eager = (out_eager * 2).sum() + lse_eager.sum()
-        loss = layer(comp_in.q, comp_in.k, comp_in.v)
-        torch.testing.assert_close(loss, loss_eager)
-        for a, e in zip(torch.autograd.grad(loss, (comp_in.q, comp_in.k, comp_in.v)),
-                        torch.autograd.grad(loss_eager, (eager_in.q, eager_in.k, eager_in.v))):
-            torch.testing.assert_close(a, e)
+    cases = [(random_batch([t], [t], 4, 2, 16, 8, packed=False, dtype=torch.float32, generator=gen), ())
+             for t in (33, 47)]  # two lengths: the second reuses the dynamic graph
+    check_compiled_matches_eager(lambda q, k, v: nsa_ext.sliding_window_attention(q, k, v, window=8), cases, device)
 
 
 def test_compile_packed_no_graph_break():
-    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(12)
     b = random_batch([5, 0, 9], [5, 0, 9], 2, 1, 8, 8, packed=True, dtype=torch.float32, generator=gen)
     b = b.to(torch.float32, requires_grad=True)
@@ -252,13 +207,7 @@ def test_compile_packed_no_graph_break():
         return nsa_ext.sliding_window_attention(q, k, v, window=3, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                                 max_seqlen_q=9, max_seqlen_k=9)[0].sum()
 
-    explain = torch._dynamo.explain(fn)(b.q, b.k, b.v, b.cu_seqlens_q, b.cu_seqlens_k)
-    assert explain.graph_break_count == 0
-    compiled = torch.compile(fn, fullgraph=True)
-    loss = compiled(b.q, b.k, b.v, b.cu_seqlens_q, b.cu_seqlens_k)
-    torch.testing.assert_close(loss, fn(b.q, b.k, b.v, b.cu_seqlens_q, b.cu_seqlens_k))
-    loss.backward()
-    assert b.q.grad is not None and not torch.isnan(b.q.grad).any()
+    check_compiled_without_graph_break(fn, (b.q, b.k, b.v, b.cu_seqlens_q, b.cu_seqlens_k))
 
 
 def test_export():
@@ -268,21 +217,11 @@ def test_export():
 
     gen = torch.Generator().manual_seed(13)
     b = random_batch([21], [21], 4, 2, 8, 8, packed=False, dtype=torch.float32, generator=gen)
-    exported = torch.export.export(Window(), (b.q, b.k, b.v))
-    assert any("nsa.sliding_window_attention_fwd" in str(n.target) for n in exported.graph.nodes)
-    for a, e in zip(exported.module()(b.q, b.k, b.v), Window()(b.q, b.k, b.v)):
-        torch.testing.assert_close(a, e)
+    check_export(Window(), (b.q, b.k, b.v), "nsa.sliding_window_attention_fwd")
 
 
 def test_fake_outputs_match_real_shapes_and_strides():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    for args in opcheck_samples("cpu"):
-        real = OPS.sliding_window_attention_fwd(*args)
-        with FakeTensorMode() as mode:
-            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            fake = OPS.sliding_window_attention_fwd(*fake_args)
-        for r, f in zip(real, fake):
-            assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+    check_fake_matches_real(OPS.sliding_window_attention_fwd, opcheck_samples("cpu"))
 
 
 # --- input validation: one test per check, each naming the argument -----------------------------

@@ -58,6 +58,14 @@ def random_batch(q_lens: List[int], k_lens: List[int], heads_q: int, heads_k: in
     return Batch(randn(b, tq, heads_q, dim_qk), randn(b, tk, heads_k, dim_qk), randn(b, tk, heads_k, dim_v))
 
 
+def strided_qkv(generator=None):
+    """q [2, 50, 4, 16], k [2, 50, 1, 16], v [2, 50, 1, 8], none of them contiguous: heads and head
+    dims sliced out of wider tensors (strided rows and heads), v transposed."""
+    base = torch.randn(2, 50, 6, 32, generator=generator)
+    v = torch.randn(2, 4, 50, 8, generator=generator).transpose(1, 2)[:, :, :1]
+    return base[:, :, :4, :16], base[:, :, 4:5, 16:], v
+
+
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference, with -inf == -inf counted as equal."""
     a, e = actual.detach().double(), expected.detach().double()
@@ -113,3 +121,111 @@ def finite_cotangent(lse: torch.Tensor, generator=None) -> torch.Tensor:
     """Random cotangent for lse; zero on rows whose lse is -inf (they have no gradient)."""
     g = torch.randn(lse.shape, dtype=torch.float64, generator=generator).to(lse.device)
     return torch.where(torch.isinf(lse.double()), torch.zeros_like(g), g)
+
+
+# --- checks every attention op's tests run, parameterised by how to call the op ---------------------
+
+def check_compiled_matches_eager(attn, cases, device="cpu"):
+    """torch.compile(fullgraph=True, dynamic=True) of loss = sum(2 out) + sum(lse), with
+    (out, lse) = attn(q, k, v, *extra), equals eager in value and gradients. `cases` holds
+    (batch, extra) pairs of different sizes: the later ones reuse the dynamic graph."""
+    torch._dynamo.reset()
+
+    def loss_fn(q, k, v, *extra):
+        out, lse = attn(q, k, v, *extra)
+        return (out * 2).sum() + lse.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    for batch, extra in cases:
+        eager_in, comp_in = (batch.to(torch.float32, device, requires_grad=True) for _ in range(2))
+        loss_eager = loss_fn(eager_in.q, eager_in.k, eager_in.v, *extra)
+        loss = compiled(comp_in.q, comp_in.k, comp_in.v, *extra)
+        torch.testing.assert_close(loss, loss_eager)
+        for a, e in zip(torch.autograd.grad(loss, (comp_in.q, comp_in.k, comp_in.v)),
+                        torch.autograd.grad(loss_eager, (eager_in.q, eager_in.k, eager_in.v))):
+            torch.testing.assert_close(a, e)
+
+
+def check_compiled_without_graph_break(fn, args):
+    """fn(*args) -> scalar loss traces without a graph break, compiles with fullgraph=True to the
+    same value, and its backward gives finite, non-zero gradients to args[0]."""
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(fn)(*args).graph_break_count == 0
+    loss = torch.compile(fn, fullgraph=True)(*args)
+    torch.testing.assert_close(loss, fn(*args))
+    loss.backward()
+    grad = args[0].grad
+    assert grad is not None and not torch.isnan(grad).any() and grad.abs().sum() > 0
+
+
+def check_opcheck(fwd, bwd, samples, tensors_before_out=0):
+    """torch.library.opcheck of a forward op on every sample and of its backward op, with and without
+    dlse. The backward takes (dout, dlse, q, k, v, *config[:tensors_before_out], out, lse,
+    *config[tensors_before_out:]) where config is the forward's arguments after q, k, v."""
+    for args in samples:
+        torch.library.opcheck(fwd.default, args)
+        q, k, v, *config = args
+        out, lse = fwd(*args)
+        dout, dlse = torch.randn_like(out), finite_cotangent(lse).to(lse.dtype)
+        head = (q.detach(), k.detach(), v.detach(), *config[:tensors_before_out], out.detach(), lse.detach())
+        bwd_args = (*head, *config[tensors_before_out:])
+        torch.library.opcheck(bwd.default, (dout, dlse, *bwd_args))
+        torch.library.opcheck(bwd.default, (dout, None, *bwd_args))
+
+
+def check_fake_matches_real(op, samples):
+    """The fake (meta) implementation gives the real outputs' shapes, strides and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for args in samples:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for r, f in zip(real, fake):
+            assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+def check_export(module, args, op_name):
+    """torch.export keeps the op as one node and the exported module computes what eager does."""
+    exported = torch.export.export(module, args)
+    assert any(op_name in str(n.target) for n in exported.graph.nodes)
+    for a, e in zip(exported.module()(*args), module(*args)):
+        torch.testing.assert_close(a, e)
+
+
+def check_packed_equals_padded(attn, packed: Batch, per_query=()):
+    """attn(q, k, v, *per_query, **seqlens) on a packed batch equals, sequence by sequence, the call
+    on that sequence alone in padded layout: outputs and gradients (for a random dout). per_query
+    are extra tensors with one row per query (sliced like q)."""
+    packed = packed.to(torch.float32, requires_grad=True)
+    out, lse = attn(packed.q, packed.k, packed.v, *per_query, **packed.seqlens)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad((out * dout).sum(), (packed.q, packed.k, packed.v))
+    q_starts, k_starts = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_k.tolist()
+    for i in range(len(q_starts) - 1):
+        rows, keys = slice(q_starts[i], q_starts[i + 1]), slice(k_starts[i], k_starts[i + 1])
+        if rows.stop == rows.start:
+            continue
+        q, k, v = (t.detach()[r][None].clone().requires_grad_()
+                   for t, r in ((packed.q, rows), (packed.k, keys), (packed.v, keys)))
+        o1, l1 = attn(q, k, v, *(t[rows][None] for t in per_query))
+        g = torch.autograd.grad((o1 * dout[rows][None]).sum(), (q, k, v))
+        torch.testing.assert_close(o1[0], out[rows], rtol=0, atol=1e-6)
+        torch.testing.assert_close(l1[0], lse[rows], rtol=0, atol=1e-6)
+        for a, b, r in zip(g, (dq, dk, dv), (rows, keys, keys)):
+            torch.testing.assert_close(a[0], b[r], rtol=0, atol=1e-5)
+
+
+def check_deterministic_across_thread_counts(run_once):
+    """run_once() -> tuple of tensors gives bitwise the same results twice with torch's thread count
+    and once with a single thread."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            results.append(run_once())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)

@@ -1,7 +1,8 @@
 #pragma once
-// Parameters of the dense-tiled attention family (sliding window and compressed branches): raw
-// pointers and int64 element strides, filled once on the host and passed by value to CPU and CUDA
-// kernels. Tensors are [batch, row, head, dim] (padded) or [row, head, dim] (packed; batch stride 0).
+// Parameters of the attention ops (the dense-tiled family, sliding window and compressed; selected
+// blocks add SelectedBlocks): raw pointers and int64 element strides, filled once on the host and
+// passed by value to CPU and CUDA kernels. Tensors are [batch, row, head, dim] (padded) or
+// [row, head, dim] (packed; batch stride 0).
 #include <cstdint>
 
 #include "common/host_device.h"
@@ -53,6 +54,15 @@ struct AttentionBwdParams : AttentionParams {
   // Scratch for the tiled CUDA backward: rowsum(dout * out) - dlse per (query row, head), float32,
   // laid out like lse (lse_strides). Null where the kernel does not need it.
   float* softmax_delta;
+};
+
+// Selected-block attention (spec section 4): which blocks of keys every (query, kv head) row attends to.
+// (BlockSelection, in common/selection.h, is the configuration of select_blocks that produces them.)
+struct SelectedBlocks {
+  const int32_t* indices;  // [.., Hk, count] block ids; -1, out-of-range and future ids are ignored
+  Strides strides;         // of the (query row, kv head) rows; the last dim is contiguous
+  int64_t count;           // n: ids per row
+  int64_t block;           // l': keys per block, block j covering keys [j*l', (j+1)*l')
 };
 
 // Where sequence b lives and how its queries line up with its keys.

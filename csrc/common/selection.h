@@ -14,9 +14,9 @@
 
 namespace nsa {
 
-// Selection blocks of a sequence of `keys` keys: ceil(TK / l').
+// Selection blocks of a sequence of `keys` keys: ceil(TK / l'), without overflow for any l' >= 1.
 NSA_HOST_DEVICE int64_t num_select_blocks(int64_t keys, int64_t select_block) {
-  return keys <= 0 ? 0 : (keys + select_block - 1) / select_block;
+  return keys <= 0 ? 0 : (keys - 1) / select_block + 1;
 }
 
 // The block-selection configuration (l, d, l', n, n_init, n_local); the host checks it (d divides l

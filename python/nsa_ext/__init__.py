@@ -22,7 +22,8 @@ from . import reference  # noqa: E402,F401
 from . import compression  # noqa: E402,F401
 from .compression import LinearCompression, MeanCompression, MLPCompression, make_compression  # noqa: E402
 from .config import NSAConfig, validate_config  # noqa: E402
-from .functional import compressed_attention, select_blocks, sliding_window_attention  # noqa: E402
+from .functional import (compressed_attention, select_blocks, selection_attention,  # noqa: E402
+                         sliding_window_attention, validate_block_indices)
 from .seqlens import compressed_seqlens  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -46,6 +47,8 @@ __all__ = [
     "make_compression",
     "reference",
     "select_blocks",
+    "selection_attention",
     "sliding_window_attention",
+    "validate_block_indices",
     "validate_config",
 ]

@@ -119,11 +119,51 @@ def select_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Genera
                                          select_count=cfg.select_count)
 
 
+def nsa_like_indices(seqlen: int, heads_k: int, count: int, select_block: int, generator: torch.Generator,
+                     init_blocks: int = 1, local_blocks: int = 2) -> torch.Tensor:
+    """Block ids shaped like NSA's selection (spec section 3) for one sequence, int32 [1, T, Hk, count]:
+    the forced initial and local blocks, the remaining slots random other past blocks (drawn
+    independently per query and kv head, the hardest case for reuse), ascending, -1 padded."""
+    num_blocks = -(-seqlen // select_block)
+    j = torch.arange(num_blocks)
+    parts = []
+    for start in range(0, seqlen, 4096):  # bounded memory for long sequences
+        own = (torch.arange(start, min(seqlen, start + 4096)) // select_block)[:, None]
+        candidate = j[None, :] <= own
+        forced = candidate & ((j[None, :] < init_blocks) | (j[None, :] > own - local_blocks))
+        rank = torch.where(forced, 2.0, torch.where(candidate, 0.0, -1.0))[:, None, :]
+        rank = rank + 0.999 * torch.rand(own.shape[0], heads_k, num_blocks, generator=generator)
+        top = rank.topk(min(count, num_blocks), dim=-1)
+        ids = torch.where(top.values >= 0, top.indices, num_blocks).sort(dim=-1).values
+        parts.append(torch.where(ids == num_blocks, -1, ids))
+    ids = torch.cat(parts)
+    if ids.shape[-1] < count:
+        ids = torch.nn.functional.pad(ids, (0, count - ids.shape[-1]), value=-1)
+    return ids.to(torch.int32)[None]
+
+
+def selection_workload(shape: Shape, cfg: Config, backward: bool, gen: torch.Generator):
+    q, k, v = (shape.randn(h, backward, gen) for h in (shape.heads_q, shape.heads_k, shape.heads_k))
+    indices = nsa_like_indices(shape.seqlen, shape.heads_k, cfg.select_count, cfg.select_block, gen).to(shape.device)
+    return _with_backward(
+        lambda: nsa_ext.selection_attention(q, k, v, indices, select_block=cfg.select_block)[0], [q, k, v], backward)
+
+
 WORKLOADS: Dict[str, Callable] = {
     "window": window_workload,
     "compressed": compressed_workload,
     "select": select_workload,
+    "selection": selection_workload,
 }
+
+# The torch.ops.nsa forward op behind each workload, to leave out those with no kernel for a device.
+OPS = {"window": "sliding_window_attention_fwd", "compressed": "compressed_attention_fwd", "select": "select_blocks",
+       "selection": "selection_attention_fwd"}
+
+
+def has_kernel(op: str, device: str) -> bool:
+    key = "CUDA" if device.startswith("cuda") else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nsa::{OPS[op]}", key)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -196,7 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--seqlens", default=None, help="comma-separated T values (default 1024,4096,16384)")
-    parser.add_argument("--ops", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--ops", default=None,
+                        help=f"subset of {','.join(WORKLOADS)} (default: those with a kernel for the device)")
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
@@ -217,7 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     seqlens = [int(s) for s in (args.seqlens or ("512,1024" if args.quick else "1024,4096,16384")).split(",")]
-    ops = [o for o in args.ops.split(",") if o]
+    ops = ([o for o in args.ops.split(",") if o] if args.ops is not None
+           else [o for o in WORKLOADS if has_kernel(o, args.device)])
     unknown = [o for o in ops if o not in WORKLOADS]
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {list(WORKLOADS)}")

@@ -186,3 +186,108 @@ def native_sparse_attention(
                                         window=config.window, scale=scale, **seqlens)
     out = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
     return (out, indices) if return_indices else out
+
+
+def selection_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    *,
+    select_block: int,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Attention over selected blocks of keys (spec section 4).
+
+    ``indices`` int32 ``[B, TQ, Hk, n]`` (packed ``[total_q, Hk, n]``) lists, per query and kv-head
+    group, the blocks it attends to; block j covers keys ``[j*select_block, (j+1)*select_block)``.
+    Query at position t, head h attends to every key ``s <= t`` in the union of the blocks
+    ``indices[t, h // G]``. Ids equal to -1, outside ``[0, ceil(TK / select_block))`` or starting
+    after t are ignored (no id can make the kernel read out of bounds), and a repeated id counts
+    once; ``validate_block_indices`` reports such rows. Rows left with no key give out = 0,
+    lse = -inf. Differentiable in q, k, v (and through lse), not in indices; the backward is
+    deterministic.
+    """
+    max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return torch.ops.nsa.selection_attention_fwd(
+        q, k, v, indices, int(select_block), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k)
+
+
+def _indices_error(message: str) -> ValueError:
+    return ValueError(f"nsa: argument 'indices' {message}")
+
+
+def validate_block_indices(
+    indices: Tensor,
+    *,
+    select_block: int,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> None:
+    """Checks block ids built by hand before ``selection_attention``, which silently ignores bad ones.
+
+    Raises ValueError naming the first bad row (sequence, query, kv head; rows in that order) and
+    why: an id out of range (not -1 and outside ``[0, ceil(TK / select_block))``), a duplicate id,
+    or a future block (starting after the query's position ``t = TK - TQ + i``). -1 is a valid hole.
+    Padded ``indices [B, TQ, Hk, n]``: TK is ``max_seqlen_k``, default TQ. Packed
+    ``[total_q, Hk, n]``: pass ``cu_seqlens_q`` and ``cu_seqlens_k`` (the key lengths).
+    Pure PyTorch; copies indices to the CPU.
+    """
+    if int(select_block) < 1:
+        raise ValueError(f"nsa: argument 'select_block' must be >= 1, got {select_block}")
+    if indices.dtype != torch.int32:
+        raise _indices_error(f"must be int32, got {indices.dtype}")
+    packed = cu_seqlens_q is not None
+    if packed != (cu_seqlens_k is not None):
+        name = "cu_seqlens_k" if packed else "cu_seqlens_q"
+        raise ValueError(f"nsa: argument '{name}' must be given together with the other cu_seqlens or not at all")
+    if indices.dim() != (3 if packed else 4):
+        raise _indices_error(f"must have shape {'[total_q, Hk, n]' if packed else '[B, TQ, Hk, n]'}, "
+                             f"got {tuple(indices.shape)}")
+    ids = indices.detach().cpu().long()
+    if packed:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        if len(cq) != len(ck):
+            raise ValueError("nsa: argument 'cu_seqlens_k' must have as many sequences as cu_seqlens_q")
+        sequences = [(ids[cq[b]:cq[b + 1]], ck[b + 1] - ck[b]) for b in range(len(cq) - 1)]
+    else:
+        k_len = ids.shape[1] if max_seqlen_k is None else int(max_seqlen_k)
+        sequences = [(ids[b], k_len) for b in range(ids.shape[0])]
+    for b, (rows, k_len) in enumerate(sequences):
+        _validate_sequence(b, rows, k_len, int(select_block))
+
+
+def _validate_sequence(b: int, ids: Tensor, k_len: int, select_block: int) -> None:
+    q_len = ids.shape[0]
+    if q_len == 0 or ids.shape[-1] == 0:
+        return
+    num_blocks = -(-k_len // select_block) if k_len > 0 else 0
+    position = (torch.arange(q_len) + (k_len - q_len))[:, None, None]
+    hole = ids == -1
+    out_of_range = ~hole & ((ids < 0) | (ids >= num_blocks))
+    future = ~hole & ~out_of_range & (ids * select_block > position)
+    ordered = ids.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != -1)
+    bad = out_of_range.any(-1) | future.any(-1) | repeated.any(-1)  # [TQ, Hk]
+    if not bool(bad.any()):
+        return
+    i, h = (int(x) for x in bad.nonzero()[0])
+    t = k_len - q_len + i
+    where = f"sequence {b}, query {i} (position {t}), kv head {h}: "
+    row = ids[i, h]
+    if bool(out_of_range[i, h].any()):
+        j = int(row[out_of_range[i, h]][0])
+        raise _indices_error(f"{where}block id {j} is out of range: a sequence of {k_len} keys has blocks "
+                             f"[0, {num_blocks}) of {select_block} keys (-1 marks an unused slot)")
+    if bool(future[i, h].any()):
+        j = int(row[future[i, h]][0])
+        raise _indices_error(f"{where}block {j} starts at key {j * select_block}, after the query's position "
+                             f"{t} (a future block)")
+    j = int(ordered[i, h, 1:][repeated[i, h]][0])
+    raise _indices_error(f"{where}block {j} appears more than once")

@@ -17,12 +17,13 @@ def _attention_outputs(q: torch.Tensor, v: torch.Tensor):
     return out, lse
 
 
-def _register_attention(name: str) -> None:
+def _register_attention(name: str, config_before_out: int = 0) -> None:
     """Fake tensors and autograd for an attention op pair ``{name}_fwd`` / ``{name}_bwd`` with the
     schemas ``fwd(q, k, v, *config) -> (out, lse)`` and
-    ``bwd(dout, dlse, q, k, v, out, lse, *config) -> (dq, dk, dv)`` laid out as in
-    csrc/registration.cpp: config holds the op's sizes, scale, cu_seqlens and max_seqlens (and any
-    other non-differentiable tensors), passed through unchanged."""
+    ``bwd(dout, dlse, q, k, v, *config[:c], out, lse, *config[c:]) -> (dq, dk, dv)``, c being
+    ``config_before_out``, laid out as in csrc/registration.cpp: config holds the op's sizes, scale,
+    cu_seqlens and max_seqlens (and any other non-differentiable tensors, such as selection_attention's
+    indices, which its backward takes before out), passed through unchanged."""
     bwd_op = getattr(torch.ops.nsa, f"{name}_bwd")
 
     @torch.library.register_fake(f"nsa::{name}_fwd")
@@ -47,7 +48,8 @@ def _register_attention(name: str) -> None:
             config[i] = t
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, *config)
+        dq, dk, dv = bwd_op(dout, dlse, q, k, v, *config[:config_before_out], out, lse,
+                            *config[config_before_out:])
         return (dq, dk, dv) + (None,) * len(config)
 
     torch.library.register_autograd(f"nsa::{name}_fwd", backward, setup_context=setup_context)
@@ -55,6 +57,7 @@ def _register_attention(name: str) -> None:
 
 _register_attention("sliding_window_attention")
 _register_attention("compressed_attention")
+_register_attention("selection_attention", config_before_out=1)
 
 
 # --- block selection (not differentiable: its int32 output carries no gradient) -----------------
