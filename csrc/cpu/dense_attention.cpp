@@ -16,43 +16,19 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/tiles.h"
 #include "cpu/vec_math.h"
 #include "kernels.h"
 
 namespace nsa {
 namespace {
 
+using cpu::load_head_group;
+using cpu::load_head_rows;
+using cpu::Scratch;
+
 constexpr int64_t kQueryTile = 64;  // query rows per head in one task
 constexpr int64_t kKeyTile = 128;   // key rows per product
-
-template <typename acc_t>
-constexpr at::ScalarType acc_scalar_type() {
-  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-}
-
-// Row-major scratch matrix; view(rows, cols) is a compact tensor over its memory.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> data;
-  acc_t* reserve(int64_t n) {
-    if (static_cast<int64_t>(data.size()) < n) data.resize(n);
-    return data.data();
-  }
-  at::Tensor view(int64_t rows, int64_t cols) {
-    return at::from_blob(reserve(rows * cols), {rows, cols}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
-  }
-};
-
-// dst[r, :] = src rows row0 .. row0+rows of one head, converted to acc_t.
-template <typename scalar_t, typename acc_t>
-void load_rows(acc_t* dst, const void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows,
-               int64_t head, int64_t dim) {
-  const scalar_t* src = static_cast<const scalar_t*>(base);
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = src + st.offset(batch, row0 + r, head);
-    for (int64_t d = 0; d < dim; ++d) dst[r * dim + d] = static_cast<acc_t>(row[d]);
-  }
-}
 
 template <typename scalar_t, typename acc_t>
 void store_rows(void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows, int64_t head, int64_t dim,
@@ -64,12 +40,15 @@ void store_rows(void* base, const Strides& st, int64_t batch, int64_t row0, int6
   }
 }
 
-// The G query heads of kv head `head_k`, rows [row0, row0+rows), stacked: stacked row g*rows + i.
+// Keys and values [key0, key0 + cols) of kv head head_k, converted to acc_t.
 template <typename scalar_t, typename acc_t>
-void load_group(acc_t* dst, const void* base, const Strides& st, int64_t batch, int64_t row0, int64_t rows,
-                int64_t head_k, int64_t group, int64_t dim) {
-  for (int64_t g = 0; g < group; ++g)
-    load_rows<scalar_t, acc_t>(dst + g * rows * dim, base, st, batch, row0, rows, head_k * group + g, dim);
+void load_kv_tile(const AttentionParams& p, const SeqSpan& s, int64_t head_k, int64_t key0, int64_t cols,
+                  Scratch<acc_t>& k_buf, Scratch<acc_t>& v_buf) {
+  const int64_t row0 = s.k_row_begin + key0;
+  load_head_rows<scalar_t, acc_t>(k_buf.reserve(cols * p.head_dim_qk), p.k, p.k_strides, s.batch, row0, cols, head_k,
+                                  p.head_dim_qk);
+  load_head_rows<scalar_t, acc_t>(v_buf.reserve(cols * p.head_dim_v), p.v, p.v_strides, s.batch, row0, cols, head_k,
+                                  p.head_dim_v);
 }
 
 // Visible keys of query row i of a tile, as a column range [lo, hi) of the key tile at key0.
@@ -120,16 +99,15 @@ void forward_task(const AttentionParams& p, int64_t b, int64_t head_k, int64_t q
   Scratch<acc_t> q_buf, k_buf, v_buf, s_buf, acc_buf;
   std::vector<acc_t> row_max(m, -std::numeric_limits<acc_t>::infinity()), row_sum(m, 0);
   at::Tensor q_tile = q_buf.view(m, dk);
-  load_group<scalar_t, acc_t>(q_buf.data.data(), p.q, p.q_strides, s.batch, s.q_row_begin + q0, rows, head_k, group,
-                              dk);
+  load_head_group<scalar_t, acc_t>(q_buf.data.data(), p.q, p.q_strides, s.batch, s.q_row_begin + q0, rows, head_k,
+                                   group, dk);
   at::Tensor acc = acc_buf.view(m, dv);
   acc.zero_();
 
   for (int64_t key0 = key_begin; key0 < key_end; key0 += kKeyTile) {
     const int64_t cols = std::min(kKeyTile, key_end - key0);
     at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv), scores = s_buf.view(m, cols);
-    load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
-    load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+    load_kv_tile<scalar_t, acc_t>(p, s, head_k, key0, cols, k_buf, v_buf);
     at::mm_out(scores, q_tile, k_tile.t());
 
     acc_t* sc = s_buf.data.data();
@@ -186,9 +164,10 @@ struct GroupRows {
     q.reserve(m * dk);
     dout.reserve(m * dv);
     out.reserve(m * dv);
-    load_group<scalar_t, acc_t>(q.data.data(), p.q, p.q_strides, s.batch, row0, rows, head_k, group, dk);
-    load_group<scalar_t, acc_t>(dout.data.data(), p.dout, p.dout_strides, s.batch, row0, rows, head_k, group, dv);
-    load_group<scalar_t, acc_t>(out.data.data(), p.o, p.o_strides, s.batch, row0, rows, head_k, group, dv);
+    load_head_group<scalar_t, acc_t>(q.data.data(), p.q, p.q_strides, s.batch, row0, rows, head_k, group, dk);
+    load_head_group<scalar_t, acc_t>(dout.data.data(), p.dout, p.dout_strides, s.batch, row0, rows, head_k, group,
+                                     dv);
+    load_head_group<scalar_t, acc_t>(out.data.data(), p.o, p.o_strides, s.batch, row0, rows, head_k, group, dv);
     lse.assign(m, 0);
     delta.assign(m, 0);
     const acc_t* lse_in = static_cast<const acc_t*>(p.lse);
@@ -233,8 +212,7 @@ void dq_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t q0)
     const int64_t cols = std::min(kKeyTile, key_end - key0);
     at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv);
     at::Tensor scores = s_buf.view(m, cols), dprobs = dp_buf.view(m, cols);
-    load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
-    load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+    load_kv_tile<scalar_t, acc_t>(p, s, head_k, key0, cols, k_buf, v_buf);
     at::mm_out(scores, q_tile, k_tile.t());
     probabilities_from_lse(p, s, q0, rows, group, key0, cols, s_buf.data.data(), g_rows.lse.data());
     at::mm_out(dprobs, dout_tile, v_tile.t());
@@ -257,8 +235,7 @@ void dkv_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t ke
 
   Scratch<acc_t> k_buf, v_buf, s_buf, dp_buf, dk_buf, dv_buf;
   at::Tensor k_tile = k_buf.view(cols, dk), v_tile = v_buf.view(cols, dv);
-  load_rows<scalar_t, acc_t>(k_buf.data.data(), p.k, p.k_strides, s.batch, s.k_row_begin + key0, cols, head_k, dk);
-  load_rows<scalar_t, acc_t>(v_buf.data.data(), p.v, p.v_strides, s.batch, s.k_row_begin + key0, cols, head_k, dv);
+  load_kv_tile<scalar_t, acc_t>(p, s, head_k, key0, cols, k_buf, v_buf);
   at::Tensor dk_acc = dk_buf.view(cols, dk), dv_acc = dv_buf.view(cols, dv);
   dk_acc.zero_();
   dv_acc.zero_();
@@ -282,27 +259,12 @@ void dkv_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t ke
                               dv_buf.data.data(), acc_t(1));
 }
 
-// Runs task(b, head_k, tile_start) for every sequence, kv head and tile of `tile` rows out of
-// `max_rows`; tasks beyond a sequence's own length return at once.
-template <typename Task>
-void for_each_tile(const AttentionParams& p, int64_t max_rows, int64_t tile, const Task& task) {
-  const int64_t tiles = (max_rows + tile - 1) / tile;
-  const int64_t total = p.num_seqs * p.num_heads_k * tiles;
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (p.num_heads_k * tiles);
-      const int64_t head_k = (t / tiles) % p.num_heads_k;
-      task(b, head_k, (t % tiles) * tile);
-    }
-  });
-}
-
 }  // namespace
 
 void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    for_each_tile(params, params.max_seqlen_q, kQueryTile,
+    cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_seqlen_q, kQueryTile,
                   [&](int64_t b, int64_t h, int64_t q0) { forward_task<scalar_t, acc_t>(params, b, h, q0); });
   });
 }
@@ -310,9 +272,9 @@ void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype
 void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    for_each_tile(params, params.max_seqlen_q, kQueryTile,
+    cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_seqlen_q, kQueryTile,
                   [&](int64_t b, int64_t h, int64_t q0) { dq_task<scalar_t, acc_t>(params, b, h, q0); });
-    for_each_tile(params, params.max_key_rows, kKeyTile,
+    cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_key_rows, kKeyTile,
                   [&](int64_t b, int64_t h, int64_t k0) { dkv_task<scalar_t, acc_t>(params, b, h, k0); });
   });
 }

@@ -36,12 +36,14 @@
 
 #include "common/selection.h"
 #include "cpu/small_gemm.h"
+#include "cpu/tiles.h"
 #include "cpu/vec_math.h"
 #include "kernels.h"
 
 namespace nsa {
 namespace {
 
+using cpu::acc_scalar_type;
 using cpu::row_max;
 using cpu::scale_add;
 using cpu::small_gemm;
@@ -56,11 +58,6 @@ constexpr int64_t kMaxTileQueries = 256;
 constexpr int64_t kMinTileQueries = 16;
 constexpr int64_t kMinTasks = 32;
 constexpr int64_t kChunkRows = 256;       // stacked rows per product in the dkv pass, at most
-
-template <typename acc_t>
-constexpr at::ScalarType acc_scalar_type() {
-  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-}
 
 // The blocks of ids[0 .. count) that a query at `position` sees, distinct and ascending, into `out`
 // (room for count); returns how many.
