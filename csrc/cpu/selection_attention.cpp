@@ -19,9 +19,11 @@
 // own position (the causal mask only bites in its own block) and never the keys past TK of a
 // partial last block.
 //
-// Keys are read through per-block copies made once per call: K^T (and V^T in the backward; K and V
-// too when the input dtype isn't the accumulation type), converted to fp32 (fp64), so that every
-// block is a compact operand for the small GEMMs of cpu/small_gemm.h.
+// Products run through the small GEMM of cpu/small_gemm.h, whose operands are strided matrices or
+// tables of row pointers: a group of scattered queries is used in place, never copied. K^T (and V^T
+// in the backward) are copied once per call into per-block fp32 (fp64) tiles; rows of q, k, v and
+// dout are read straight from the inputs, or from one converted copy when the input dtype is not
+// the accumulation type (bf16, fp16).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -51,8 +53,8 @@ using cpu::softmax_grad;
 
 // Forward / dq tasks take a tile of up to kTileRows stacked rows (queries x G), at most
 // kMaxTileQueries queries: the more queries, the more of them share each block they visit. Small
-// problems get smaller tiles (down to kMinTileQueries) until there are kMinTasks tasks; this depends on
-// the problem only, never on the thread count.
+// problems get smaller tiles (down to kMinTileQueries) until there are kMinTasks tasks; this depends
+// on the problem only, never on the thread count.
 constexpr int64_t kTileRows = 1024;
 constexpr int64_t kMaxTileQueries = 256;
 constexpr int64_t kMinTileQueries = 16;
@@ -110,7 +112,7 @@ struct BlockLayout {
   int64_t cols(const SeqSpan& s, int64_t j) const { return std::min(block, s.k_len - j * block); }
 };
 
-// A block's keys or values as a matrix operand (strided rows).
+// A matrix operand of small_gemm: strided, or a table of row pointers.
 template <typename acc_t>
 using Operand = cpu::Matrix<acc_t>;
 
