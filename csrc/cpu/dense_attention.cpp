@@ -263,19 +263,19 @@ void dkv_task(const AttentionBwdParams& p, int64_t b, int64_t head_k, int64_t ke
 
 void dense_attention_fwd_cpu(const AttentionParams& params, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_fwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cpu::accumulate_t<scalar_t>;
     cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_seqlen_q, kQueryTile,
-                  [&](int64_t b, int64_t h, int64_t q0) { forward_task<scalar_t, acc_t>(params, b, h, q0); });
+                        [&](int64_t b, int64_t h, int64_t q0) { forward_task<scalar_t, acc_t>(params, b, h, q0); });
   });
 }
 
 void dense_attention_bwd_cpu(const AttentionBwdParams& params, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_dense_attention_bwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cpu::accumulate_t<scalar_t>;
     cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_seqlen_q, kQueryTile,
-                  [&](int64_t b, int64_t h, int64_t q0) { dq_task<scalar_t, acc_t>(params, b, h, q0); });
+                        [&](int64_t b, int64_t h, int64_t q0) { dq_task<scalar_t, acc_t>(params, b, h, q0); });
     cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_key_rows, kKeyTile,
-                  [&](int64_t b, int64_t h, int64_t k0) { dkv_task<scalar_t, acc_t>(params, b, h, k0); });
+                        [&](int64_t b, int64_t h, int64_t k0) { dkv_task<scalar_t, acc_t>(params, b, h, k0); });
   });
 }
 

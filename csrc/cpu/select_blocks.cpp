@@ -158,7 +158,7 @@ void select_task(const SelectParams& p, int64_t b, int64_t head_k, int64_t q0) {
 
 void select_blocks_cpu(const SelectParams& params, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_select_blocks_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cpu::accumulate_t<scalar_t>;
     cpu::parallel_tiles(params.num_seqs, params.num_heads_k, params.max_seqlen_q, kQueryTile,
                         [&](int64_t b, int64_t h, int64_t q0) { select_task<scalar_t, acc_t>(params, b, h, q0); });
   });

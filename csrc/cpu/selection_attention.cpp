@@ -689,7 +689,7 @@ void backward(const AttentionBwdParams& p, const SelectedBlocks& sel) {
 void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_selection_attention_fwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cpu::accumulate_t<scalar_t>;
     forward<scalar_t, acc_t>(params, selection);
   });
 }
@@ -697,7 +697,7 @@ void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBl
 void selection_attention_bwd_cpu(const AttentionBwdParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_selection_attention_bwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cpu::accumulate_t<scalar_t>;
     backward<scalar_t, acc_t>(params, selection);
   });
 }

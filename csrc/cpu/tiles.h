@@ -12,6 +12,10 @@
 
 namespace nsa::cpu {
 
+// Accumulation type of a CPU kernel for inputs of scalar_t: float64 for float64, float32 otherwise.
+template <typename scalar_t>
+using accumulate_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 template <typename acc_t>
 constexpr at::ScalarType acc_scalar_type() {
   return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
