@@ -176,15 +176,20 @@ class NativeSparseAttention(nn.Module):
             v_new = self.compress_v(cmp_values.rows(b, span.start, span.stop)[None])[0]
             layer.append_compressed(b, k_new, v_new)
 
-        def packed(source: str, which: int) -> Tensor:
-            return layer.sources[source][which].packed()
+        # One call per sequence on views of its cached rows (padded layout, B = 1, queries bottom-right
+        # aligned): a decoding step then reads only what NSA selects, instead of packing (copying) the
+        # whole cache of every sequence first.
+        def rows(source: str, which: int, b: int) -> Tensor:
+            return layer.sources[source][which].rows(b)[None]
 
-        cu_q = torch.tensor(starts, dtype=torch.int32, device=x.device)
-        cu_k = torch.tensor([0] + torch.tensor(total).cumsum(0).tolist(), dtype=torch.int32, device=x.device)
-        out = native_sparse_attention(
-            q, packed(self._source("slc"), 0), packed(self._source("slc"), 1), layer.compressed[0].packed(),
-            layer.compressed[1].packed(), g_cmp, g_slc, g_swa, config=cfg, scale=self.scale,
-            k_swa=packed(self._source("swa"), 0), v_swa=packed(self._source("swa"), 1), cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k, max_seqlen_q=max(new), max_seqlen_k=max(total))
-        out = self.o_proj(out.flatten(-2))
+        outputs = []
+        for b in range(batch):
+            new_rows = slice(starts[b], starts[b + 1])
+            outputs.append(native_sparse_attention(
+                q[new_rows][None], rows(self._source("slc"), 0, b), rows(self._source("slc"), 1, b),
+                layer.compressed[0].rows(b)[None], layer.compressed[1].rows(b)[None], g_cmp[new_rows][None],
+                g_slc[new_rows][None], g_swa[new_rows][None], config=cfg, scale=self.scale,
+                k_swa=rows(self._source("swa"), 0, b), v_swa=rows(self._source("swa"), 1, b),
+                max_seqlen_k=total[b])[0])
+        out = self.o_proj(torch.cat(outputs).flatten(-2))
         return out.view(batch, -1, out.shape[-1]) if cu_seqlens is None else out
