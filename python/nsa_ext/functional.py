@@ -188,6 +188,41 @@ def native_sparse_attention(
     return (out, indices) if return_indices else out
 
 
+def native_sparse_attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_cmp_cache: Tensor,
+    v_cmp_cache: Tensor,
+    gates: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    config,
+    scale: Optional[float] = None,
+    k_swa_cache: Optional[Tensor] = None,
+    v_swa_cache: Optional[Tensor] = None,
+    return_indices: bool = False,
+):
+    """``native_sparse_attention`` for a few new queries per sequence over a KV cache, in one fused
+    op (as FlashAttention's ``flash_attn_with_kvcache``): decoding and speculative decoding.
+
+    ``q [B, TQ, Hq, Dk]``: the TQ newest tokens of every sequence (already appended to the cache);
+    ``k_cache``/``v_cache [B, capacity, Hk, D]`` with int32 ``cache_seqlens [B]`` live keys per
+    sequence (so query i of sequence b sits at position ``cache_seqlens[b] - TQ + i``); the compressed
+    tokens ``k_cmp_cache``/``v_cmp_cache [B, token_capacity, Hk, D]`` (the first
+    ``TC(cache_seqlens[b])`` rows live); ``gates [B, TQ, Hq, 3]`` (g_cmp, g_slc, g_swa); the window's
+    own ``k_swa_cache``/``v_swa_cache`` or None to share k/v. Computes exactly what
+    ``native_sparse_attention`` computes for those queries (selection included), but reads only the
+    compressed tokens, the selected blocks and the window, never a copy of the cache. Not
+    differentiable. Returns ``out [B, TQ, Hq, Dv]`` (and the int32 indices ``[B, TQ, Hk, n]``).
+    """
+    out, indices = torch.ops.nsa.decode_attention(
+        q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_swa_cache, v_swa_cache, gates, cache_seqlens,
+        int(config.compress_block), int(config.compress_stride), int(config.select_block), int(config.select_count),
+        int(config.init_blocks), int(config.local_blocks), int(config.window), _default_scale(q, scale))
+    return (out, indices) if return_indices else out
+
+
 def selection_attention(
     q: Tensor,
     k: Tensor,
