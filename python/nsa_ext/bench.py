@@ -12,9 +12,9 @@ Rows ("ops"):
   nsa                             ``native_sparse_attention``: the three branches, selection and gates
   layer                           the ``NativeSparseAttention`` module (projections, MLP compression,
                                   separate keys/values per branch) vs the same dense layer with SDPA
-  decode                          one decoding step of ``native_sparse_attention`` (one new query per
-                                  sequence, ``--decode-batch`` sequences of context T) vs SDPA over the
-                                  whole cache
+  decode                          one decoding step, ``native_sparse_attention_with_kvcache`` (one new
+                                  query per sequence, ``--decode-batch`` sequences of context T) vs SDPA
+                                  over the whole cache
 
 Baselines: ``sdpa`` is ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` at the same
 shape and dtype (flash/cuDNN on GPU), or for ``layer`` the dense layer, or for ``decode`` one query
@@ -370,12 +370,13 @@ def layer_workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> St
 
 
 def _decode_inputs(case: Case, gen: torch.Generator):
-    """One new query per sequence over a cache of T keys: padded [B, 1, ..] queries, [B, T, ..] keys."""
+    """One new query per sequence over caches of T keys [B, T, ..] (all live), gates [B, 1, Hq, 3]."""
     b = case.decode_batch
     q, k, v = case.qkv(gen, False, batch=b, queries=1)
     k_cmp, v_cmp = case.compressed_kv(gen, False, batch=b)
-    gates = [torch.rand(b, 1, case.heads_q, generator=gen).to(case.device, case.dtype) for _ in range(3)]
-    return q, k, v, k_cmp, v_cmp, gates
+    gates = torch.rand(b, 1, case.heads_q, 3, generator=gen).to(case.device, case.dtype)
+    lengths = torch.full((b,), case.seqlen, dtype=torch.int32, device=case.device)
+    return q, k, v, k_cmp, v_cmp, gates, lengths
 
 
 def decode_read_bytes(case: Case, indices: Tensor) -> float:
@@ -393,20 +394,17 @@ def decode_read_bytes(case: Case, indices: Tensor) -> float:
 
 
 def decode_workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> Step:
+    """native_sparse_attention_with_kvcache: the fused decoding step (selection included)."""
     input_sets = [_decode_inputs(case, gen) for _ in range(sets)]
     turn = itertools.cycle(input_sets)
 
-    def run():
-        q, k, v, k_cmp, v_cmp, gates = next(turn)
-        nsa_ext.native_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, config=case.config,
-                                        max_seqlen_k=case.seqlen)
+    def step(inputs, return_indices=False):
+        return nsa_ext.native_sparse_attention_with_kvcache(*inputs, config=case.config, return_indices=return_indices)
 
-    q, k, v, k_cmp, v_cmp, gates = input_sets[0]
-    _, indices = nsa_ext.native_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, config=case.config,
-                                                 max_seqlen_k=case.seqlen, return_indices=True)
+    _, indices = step(input_sets[0], return_indices=True)
     position = torch.tensor([case.seqlen - 1])
     flops = sum(nsa_flops(case, indices[b].cpu(), position) for b in range(case.decode_batch))
-    return Step(run, flops=flops, read_bytes=decode_read_bytes(case, indices))
+    return Step(lambda: step(next(turn)), flops=flops, read_bytes=decode_read_bytes(case, indices))
 
 
 # --- baselines -----------------------------------------------------------------------------------------
@@ -531,7 +529,7 @@ WORKLOADS: Dict[str, Workload] = {
                           {"sdpa": sdpa_baseline, "flex": flex_baseline("selection"), "fla": fla_selection_baseline}),
     "nsa": Workload(nsa_workload, ALL_NSA_OPS, {"sdpa": sdpa_baseline}),
     "layer": Workload(layer_workload, ALL_NSA_OPS, {"sdpa": dense_layer_baseline}),
-    "decode": Workload(decode_workload, ALL_NSA_OPS, {"sdpa": sdpa_decode_baseline}, modes=("fwd",)),
+    "decode": Workload(decode_workload, ("decode_attention",), {"sdpa": sdpa_decode_baseline}, modes=("fwd",)),
 }
 BASELINE_AVAILABLE = {"sdpa": lambda device: True, "flex": flex_available, "fla": fla_available}
 
