@@ -20,8 +20,8 @@ Baselines: ``sdpa`` is ``scaled_dot_product_attention(is_causal=True, enable_gqa
 shape and dtype (flash/cuDNN on GPU), or for ``layer`` the dense layer, or for ``decode`` one query
 over the full cache. ``flex`` is FlexAttention (compiled) with the branch's mask as a block mask
 (window, compressed, selection); ``fla`` is fla's Triton ``parallel_nsa`` given the same block ids
-(selection, CUDA only). Both are used when importable (``flex`` by default only on CUDA; its CPU
-compile takes minutes). Speedup = baseline time / our time.
+(selection, CUDA only). Both are used when importable (``flex`` by default only on CUDA: on CPU it
+has no backward and its compile takes a minute per shape; ask for it with ``--baselines sdpa,flex``). Speedup = baseline time / our time.
 
 Timing: median of ``--repeats`` runs after ``--warmup`` runs, CUDA events on GPU; the inputs rotate
 over ``--input-sets`` copies so that caches don't flatter repeated runs. TFLOP/s counts only the
@@ -460,7 +460,9 @@ def _block_mask(case: Case, mask_mod, kv_len: int, heads: Optional[int] = None):
 def flex_baseline(op: str):
     """FlexAttention with the mask of branch ``op`` (window, compressed or selection)."""
 
-    def workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> Step:
+    def workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> Optional[Step]:
+        if mode != "fwd" and not case.device.startswith("cuda"):
+            return None  # FlexAttention has no backward on CPU
         cfg = case.config
         make = lambda g: case.qkv(g, mode != "fwd")  # noqa: E731
         if op == "window":
@@ -479,7 +481,9 @@ def flex_baseline(op: str):
             group = case.group
             mask = _block_mask(case, lambda b, h, qi, ki: chosen[h // group, qi, ki // cfg.select_block] & (ki <= qi),
                                case.seqlen, heads=case.heads_q)
-        return autograd_step(make, lambda q, k, v: _flex(q, k, v, mask), mode, sets, gen)
+        step = autograd_step(make, lambda q, k, v: _flex(q, k, v, mask), mode, sets, gen)
+        _time_once(step, case.device)  # compiles, whatever --warmup says
+        return step
     return workload
 
 
@@ -595,7 +599,8 @@ def run_benchmarks(cases: List[Case], ops: List[str], modes: List[str], baseline
             key = (name, factory, case, mode)
             if key not in shared:
                 try:
-                    shared[key] = measure(factory(case, mode, sets, gen), case.device, warmup, repeats)
+                    step = factory(case, mode, sets, gen)  # None: the baseline can't run this row
+                    shared[key] = None if step is None else measure(step, case.device, warmup, repeats)
                 except Exception as error:  # an optional baseline's version or limits: report, go on
                     if name == "sdpa":
                         raise
