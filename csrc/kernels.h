@@ -18,6 +18,7 @@ struct DecodeParams;  // common/decode_params.h, kept out of the CUDA files' inc
 void decode_attention_cpu(const DecodeParams& params, at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA
+void decode_attention_cuda(const DecodeParams& params, at::ScalarType dtype);
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);
 #endif

@@ -205,3 +205,65 @@ def test_compile_fullgraph():
     c = make_cache(LENGTHS, 1, 4, 2, 8, 16, cfg, False, dtype=torch.float32, poison=0.0)
     compiled = torch.compile(lambda *a: fused(dict(zip(c, a)), cfg)[0], fullgraph=True)
     assert torch.equal(compiled(*c.values()), fused(c, cfg)[0])
+
+
+# --- CUDA (skipped without a GPU): the kernel against the CPU op and the reference ------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(c, device, dtype=None):
+    return {k: (None if v is None else v.to(device, dtype if (dtype and v.is_floating_point()) else v.dtype))
+            for k, v in c.items()}
+
+
+@cuda
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("hq,hk,dk,dv", [(4, 2, 16, 8), (16, 1, 128, 128), (8, 8, 192, 128), (32, 4, 64, 256)])
+def test_cuda_matches_cpu_fp64(cfg_name, hq, hk, dk, dv):
+    cfg = CONFIGS[cfg_name]
+    c = make_cache(LENGTHS, 3, hq, hk, dk, dv, cfg, own_window=hq > 8, seed=hq + dk)
+    with poisoned_outputs():
+        out, indices = fused(_to(c, "cuda"), cfg)
+    expected, expected_indices = fused(c, cfg)
+    assert torch.equal(indices.cpu(), expected_indices)
+    assert_close_fp32(out.cpu(), expected, rel=1e-10, name="decode cuda fp64")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_low_precision(dtype):
+    cfg = CONFIGS["small"]
+    c = make_cache(LENGTHS, 1, 16, 2, 128, 128, cfg, False, dtype=dtype, seed=8)
+    out, indices = fused(_to(c, "cuda"), cfg)
+    as64 = _to(c, "cpu", torch.float64)
+    exact, exact_indices = per_sequence(as64, cfg)
+    assert torch.equal(indices.cpu(), exact_indices)
+    if dtype == torch.float32:
+        assert_close_fp32(out.cpu(), exact, rel=1e-5, name="decode cuda fp32")
+    else:
+        assert_within_torch_error(out.cpu(), _with_indices(c, cfg, exact_indices), exact, name=f"decode cuda {dtype}")
+
+
+@cuda
+def test_cuda_deterministic_and_graph_capturable():
+    cfg = CONFIGS["small"]
+    c = _to(make_cache([500, 64, 1000], 2, 16, 2, 128, 128, cfg, True, dtype=torch.bfloat16, seed=9,
+                       poison=float("nan")), "cuda")
+    first, second = fused(c, cfg), fused(c, cfg)
+    assert torch.isfinite(first[0]).all()  # NaN rows past the live lengths were never read
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    graph = torch.cuda.CUDAGraph()
+    fused(c, cfg)  # warm-up outside the capture
+    with torch.cuda.graph(graph):
+        captured = fused(c, cfg)
+    c["q"].copy_(torch.randn_like(c["q"]))
+    graph.replay()
+    assert torch.equal(captured[0], fused(c, cfg)[0])
+
+
+@cuda
+def test_cuda_opcheck():
+    cfg = CONFIGS["small"]
+    c = _to(make_cache(LENGTHS, 2, 4, 2, 8, 16, cfg, True, dtype=torch.float32, poison=0.0), "cuda")
+    torch.library.opcheck(torch.ops.nsa.decode_attention.default, _op_args(c, cfg))

@@ -124,6 +124,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.token_capacity = k_cmp.size(1);
   p.window = window;
   p.scale = scale;
+#ifdef NSA_WITH_CUDA
+  if (q.is_cuda()) {
+    decode_attention_cuda(p, q.scalar_type());
+    return {out, indices};
+  }
+#endif
   TORCH_CHECK(q.is_cpu(), "nsa: decode_attention has no kernel for device ", q.device());
   decode_attention_cpu(p, q.scalar_type());
   return {out, indices};
@@ -132,5 +138,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) { m.impl("decode_attention", &decode_attention); }
+#ifdef NSA_WITH_CUDA
+TORCH_LIBRARY_IMPL(nsa, CUDA, m) { m.impl("decode_attention", &decode_attention); }
+#endif
 
 }  // namespace nsa

@@ -28,11 +28,6 @@
 namespace nsa {
 namespace {
 
-// Key rows [begin, end) of one sequence's cache, one range per selected block or window.
-struct KeyRange {
-  int64_t begin, end;
-};
-
 template <typename scalar_t, typename acc_t>
 struct DecodeTask {
   const DecodeParams& p;
@@ -42,7 +37,7 @@ struct DecodeTask {
   cpu::Scratch<acc_t> q_buf, k_buf, v_buf, scores_t_buf, score_buf, out_buf, block_buf;
   std::vector<cpu::Candidate<acc_t>> free;
   std::vector<int32_t> kept;
-  std::vector<KeyRange> ranges;
+  std::vector<KeyRange> ranges;  // key rows of the cache a branch reads: one per selected block or window
 
   explicit DecodeTask(const DecodeParams& params)
       : p(params), group(params.num_heads_q / params.num_heads_k), dk(params.head_dim_qk), dv(params.head_dim_v) {}
