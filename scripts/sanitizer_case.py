@@ -1,6 +1,7 @@
 """One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
 the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
-length-1 sequence, G = 3) and the baseline fp32 kernel."""
+length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention likewise (tiled bf16
+with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids."""
 
 import torch
 
@@ -14,6 +15,17 @@ def packed(lengths, heads_q, heads_k, dim_qk, dim_v, dtype, k_lengths=None):
     k = torch.randn(sum(k_lengths), heads_k, dim_qk, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(sum(k_lengths), heads_k, dim_v, device="cuda", dtype=dtype, requires_grad=True)
     return q, k, v, cu(lengths), cu(k_lengths)
+
+
+def selection(lengths):
+    ids = torch.randint(-1, 4, (sum(lengths), 2, 5), dtype=torch.int32, device="cuda")
+    ids[::7, :, 1] = 2**31 - 1  # out of range
+    ids[::5, :, 2] = ids[::5, :, 3]  # duplicates
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, dtype)
+        out, lse = nsa_ext.selection_attention(q, k, v, ids, select_block=32, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                               max_seqlen_q=70, max_seqlen_k=70)
+        (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
 
 
 def main():
@@ -33,6 +45,7 @@ def main():
     out, lse = nsa_ext.compressed_attention(q, k, v, compress_block=32, compress_stride=16, cu_seqlens_q=cq,
                                             cu_seqlens_k=ck, max_seqlen_q=70, max_seqlen_k=200)
     (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    selection(lengths)
     torch.cuda.synchronize()
     print("sanitizer_case: done")
 

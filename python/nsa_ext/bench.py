@@ -12,6 +12,7 @@ warm-up; on CUDA they are taken with CUDA events.
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -247,6 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compress-stride", type=int, default=Config.compress_stride)
     parser.add_argument("--select-block", type=int, default=Config.select_block)
     parser.add_argument("--select-count", type=int, default=Config.select_count)
+    parser.add_argument("--tile-positions", type=int, default=None,
+                        help="CUDA selection: cap the query positions per forward/dq tile (sets "
+                             "NSA_SELECTION_TILE_POSITIONS), to measure how small groups should be packed")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -256,6 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tile_positions:
+        os.environ["NSA_SELECTION_TILE_POSITIONS"] = str(args.tile_positions)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     seqlens = [int(s) for s in (args.seqlens or ("512,1024" if args.quick else "1024,4096,16384")).split(",")]
     ops = ([o for o in args.ops.split(",") if o] if args.ops is not None
