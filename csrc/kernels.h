@@ -18,6 +18,7 @@ void selection_attention_bwd_cpu(const AttentionBwdParams& params, const Selecte
 #ifdef NSA_WITH_CUDA
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);
+void select_blocks_cuda(const SelectParams& params, at::ScalarType dtype);
 void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype);
 // q and lse give the shapes and options of the scratch tensors (reverse index, delta).
 void selection_attention_bwd_cuda(const AttentionBwdParams& params, const SelectedBlocks& selection,

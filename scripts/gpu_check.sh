@@ -78,7 +78,7 @@ else
   # --- 2. tests ----------------------------------------------------------------------------------
   if [ "$has_gpu" = 1 ]; then
     step tests-cuda 360 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_selection.py \
-      tests/test_cuda_build.py tests/test_fragment_layout.py \
+      tests/test_cuda_select_blocks.py tests/test_cuda_build.py tests/test_fragment_layout.py \
       tests/test_selection_index_math.py
     step tests-all 200 "$python" -m pytest -q -rs tests
   else

@@ -1,7 +1,7 @@
 """One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
 the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
 length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention likewise (tiled bf16
-with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids."""
+with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids; and select_blocks on the compressed case."""
 
 import torch
 
@@ -45,6 +45,9 @@ def main():
     out, lse = nsa_ext.compressed_attention(q, k, v, compress_block=32, compress_stride=16, cu_seqlens_q=cq,
                                             cu_seqlens_k=ck, max_seqlen_q=70, max_seqlen_k=200)
     (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    nsa_ext.select_blocks(q.detach(), k.detach(), lse.detach(), compress_block=32, compress_stride=16,
+                          select_block=64, select_count=3, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=70,
+                          max_seqlen_k=200)
     selection(lengths)
     torch.cuda.synchronize()
     print("sanitizer_case: done")

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(not nsa_ext.build_info()["cuda_kernels"], reason
 
 # Mangled names of the tiled kernels contain nsa::tiled::<name><traits>.
 TILED_KERNELS = {"fwd": "5tiled10fwd_kernel", "dq": "5tiled9dq_kernel", "dkv": "5tiled10dkv_kernel"}
+# The fused block selection's tensor-core kernel (S = Q K^T only: no ldmatrix.trans).
+SELECT_KERNEL = "5tiled19select_tiled_kernel"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
 FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"), "selection": ("SelectionSchedule", "SelectionKeyBlock")}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
@@ -76,6 +78,15 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
         assert compiled, f"no head-dim pair in the {family} {kind} kernel names"
 
 
+@pytest.mark.parametrize("arch", _archs())
+def test_select_kernel_uses_tensor_cores(arch):
+    kernels = {n: body for n, body in _sass_by_function(arch).items() if SELECT_KERNEL in n}
+    assert kernels, f"no select_tiled_kernel in the sm_{arch} cubin"
+    for name, body in kernels.items():
+        assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
+        assert "LDSM.16.M88.4" in body and "LDGSTS" in body, f"{name}: no ldmatrix / cp.async on sm_{arch}"
+
+
 def _resource_usage(arch):
     """{function: {REG, STACK, SHARED, LOCAL}} from cuobjdump --dump-resource-usage for sm_<arch>."""
     text = _run("--dump-resource-usage", "--gpu-architecture", f"sm_{arch}")
@@ -88,7 +99,8 @@ def _resource_usage(arch):
 
 @pytest.mark.parametrize("arch", _archs())
 def test_tiled_kernels_do_not_spill(arch):
-    usage = {n: u for n, u in _resource_usage(arch).items() if any(t in n for t in TILED_KERNELS.values())}
+    tags = [*TILED_KERNELS.values(), SELECT_KERNEL]
+    usage = {n: u for n, u in _resource_usage(arch).items() if any(t in n for t in tags)}
     assert usage, f"no resource usage for the tiled kernels of sm_{arch}"
     compiled = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in usage)]
     assert compiled, "no head-dim pair found in the kernel names"
