@@ -11,6 +11,7 @@
 
 #include "common/masks.h"
 #include "common/mma_layout.h"
+#include "common/selection.h"
 #include "common/tile_schedule.h"
 
 TORCH_LIBRARY(nsa, m) {
@@ -149,6 +150,24 @@ PYBIND11_MODULE(_C, m) {
         return std::make_pair(r.begin, r.end);
       },
       "query rows [begin, end) whose key range meets keys [key_begin, key_end)");
+  m.def("_selection_tile_rows", &nsa::selection_tile_rows,
+        "stacked query rows per tile of the CUDA selection kernels (group, n, max_rows, max_pairs, wanted)");
+  m.def("_position_bits", &nsa::position_bits, "bits [first, last] of a 64-bit position mask");
+  m.def(
+      "_counting_slots",
+      [](const std::vector<int32_t>& ids, int64_t num_blocks, int64_t select_block, int64_t position) {
+        std::vector<bool> counts;
+        for (size_t slot = 0; slot < ids.size(); ++slot)
+          counts.push_back(nsa::first_counting_slot(ids.data(), slot, num_blocks, select_block, position));
+        return counts;
+      },
+      "per slot of an index row: whether the CUDA kernels count it (valid, visible, first occurrence)");
+  m.def(
+      "_reverse_entry",
+      [](int64_t kv_head, int64_t seq, int64_t block, int64_t query, int64_t num_seqs, int64_t blocks_per_seq) {
+        return nsa::reverse_entry(nsa::reverse_slot(kv_head, seq, block, num_seqs, blocks_per_seq), query);
+      },
+      "sort key of a (kv head, sequence, block, query) entry of the backward's reverse index");
   m.def(
       "_tile_is_interior",
       [](const std::string& kind, int64_t a, int64_t b, int64_t query_offset, int64_t first_row, int64_t last_row,

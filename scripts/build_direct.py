@@ -78,7 +78,8 @@ def main():
 
     cpp_sources = sorted((ROOT / "csrc").rglob("*.cpp"))
     cu_sources = [p for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
-    cu_sources += [ROOT / "csrc" / "cuda" / "dense" / TILED_FILES[d] for d in head_dims]
+    cu_sources += [ROOT / "csrc" / "cuda" / family / TILED_FILES[d] for d in head_dims
+                   for family in ("dense", "selection")]
 
     def command(src):
         obj = objdir / (str(src.relative_to(ROOT)).replace("/", "_") + ".o")
@@ -93,7 +94,7 @@ def main():
 
     jobs = [command(s) for s in cu_sources + cpp_sources]
     # Longest first: the tiled .cu files dominate the build.
-    jobs.sort(key=lambda j: 0 if j[1].name.startswith("csrc_cuda_dense") else 1)
+    jobs.sort(key=lambda j: 0 if j[1].name.startswith(("csrc_cuda_dense", "csrc_cuda_selection_hdim")) else 1)
 
     sources_mtime = newest_source_mtime()
 

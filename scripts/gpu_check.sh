@@ -77,8 +77,9 @@ else
 
   # --- 2. tests ----------------------------------------------------------------------------------
   if [ "$has_gpu" = 1 ]; then
-    step tests-cuda 240 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_build.py \
-      tests/test_fragment_layout.py tests/test_decode_attention.py
+    step tests-cuda 360 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_selection.py \
+      tests/test_cuda_select_blocks.py tests/test_cuda_build.py tests/test_fragment_layout.py \
+      tests/test_selection_index_math.py tests/test_decode_attention.py
     step tests-all 200 "$python" -m pytest -q -rs tests
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"
@@ -105,6 +106,14 @@ else
     step bench-target 120 "$python" -m nsa_ext.bench --device cuda --dtype bfloat16 --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dim 128
     step bench 120 "$python" -m nsa_ext.bench --device cuda
+    # Selected-block attention per group size, default tiles (64 / G positions packed) vs one position
+    # per tile (G rows padded to 16): the packing trade-off of csrc/cuda/selection/config.h.
+    for g in 1 4 16; do
+      for positions in 0 1; do
+        step "bench-selection-G$g-p$positions" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
+          --modes fwd --seqlens 16384 --heads $((4 * g)) --kv-heads 4 --head-dim 128 --tile-positions $positions
+      done
+    done
   else
     skip bench "no GPU"
   fi
@@ -115,4 +124,7 @@ note "summary after $(elapsed)s:"
 for line in "${summary[@]}"; do note "  $line"; done
 if [ -f "$logdir/bench-target.log" ]; then echo; echo "== target shape =="; cat "$logdir/bench-target.log"; fi
 if [ -f "$logdir/bench.log" ]; then echo; echo "== python -m nsa_ext.bench --device cuda =="; cat "$logdir/bench.log"; fi
+for f in "$logdir"/bench-selection-*.log; do
+  [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) (p0: default tile, p1: one position per tile) =="; tail -n 3 "$f"; }
+done
 exit $failed

@@ -1,7 +1,9 @@
 """One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
 the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
-length-1 sequence, G = 3), the baseline fp32 kernel, and the fused decoding kernel (ragged cache
-lengths, one shorter than a compressed token, TQ = 2)."""
+length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention likewise (tiled bf16
+with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids;
+select_blocks on the compressed case; and the fused decoding kernel (ragged cache lengths, one shorter
+than a compressed token, TQ = 2)."""
 
 import torch
 
@@ -15,6 +17,17 @@ def packed(lengths, heads_q, heads_k, dim_qk, dim_v, dtype, k_lengths=None):
     k = torch.randn(sum(k_lengths), heads_k, dim_qk, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(sum(k_lengths), heads_k, dim_v, device="cuda", dtype=dtype, requires_grad=True)
     return q, k, v, cu(lengths), cu(k_lengths)
+
+
+def selection(lengths):
+    ids = torch.randint(-1, 4, (sum(lengths), 2, 5), dtype=torch.int32, device="cuda")
+    ids[::7, :, 1] = 2**31 - 1  # out of range
+    ids[::5, :, 2] = ids[::5, :, 3]  # duplicates
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, dtype)
+        out, lse = nsa_ext.selection_attention(q, k, v, ids, select_block=32, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                               max_seqlen_q=70, max_seqlen_k=70)
+        (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
 
 
 def main():
@@ -34,6 +47,10 @@ def main():
     out, lse = nsa_ext.compressed_attention(q, k, v, compress_block=32, compress_stride=16, cu_seqlens_q=cq,
                                             cu_seqlens_k=ck, max_seqlen_q=70, max_seqlen_k=200)
     (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    nsa_ext.select_blocks(q.detach(), k.detach(), lse.detach(), compress_block=32, compress_stride=16,
+                          select_block=64, select_count=3, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=70,
+                          max_seqlen_k=200)
+    selection(lengths)
     config = nsa_ext.NSAConfig(compress_block=16, compress_stride=8, select_block=32, select_count=4, window=40)
     lengths = torch.tensor([300, 2, 77], dtype=torch.int32, device="cuda")
     cache = lambda rows, dim: torch.randn(3, rows, 2, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731

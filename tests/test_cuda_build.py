@@ -1,6 +1,7 @@
-"""What the built CUDA kernels are, read from the binary without a GPU: the tiled attention kernels
-use tensor cores (HMMA in the SASS) on every requested architecture, and ptxas gave them no local
-memory or stack (no register spills)."""
+"""What the built CUDA kernels are, read from the binary without a GPU: the tiled attention kernels of
+every family (dense: sliding window and compressed; selected blocks) use tensor cores (HMMA in the
+SASS) on every requested architecture, and ptxas gave them no local memory or stack (no register
+spills)."""
 
 import re
 import subprocess
@@ -16,6 +17,10 @@ pytestmark = pytest.mark.skipif(not nsa_ext.build_info()["cuda_kernels"], reason
 
 # Mangled names of the tiled kernels contain nsa::tiled::<name><traits>.
 TILED_KERNELS = {"fwd": "5tiled10fwd_kernel", "dq": "5tiled9dq_kernel", "dkv": "5tiled10dkv_kernel"}
+# The fused block selection's tensor-core kernel (S = Q K^T only: no ldmatrix.trans).
+SELECT_KERNEL = "5tiled19select_tiled_kernel"
+# The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
+FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"), "selection": ("SelectionSchedule", "SelectionKeyBlock")}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
 HEAD_DIM_PAIRS = {64: "Li64ELi64E", 128: "Li128ELi128E", 192: "Li192ELi128E", 256: "Li256ELi256E"}
 
@@ -54,20 +59,32 @@ def _tiled(functions):
     return {n: body for n, body in functions.items() if any(tag in n for tag in TILED_KERNELS.values())}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("arch", _archs())
-def test_tiled_kernels_use_tensor_cores(arch):
-    functions = _tiled(_sass_by_function(arch))
-    assert functions, f"no tiled attention kernels in the sm_{arch} cubin"
+def test_tiled_kernels_use_tensor_cores(arch, family):
+    functions = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
+                 if any(policy in n for policy in FAMILIES[family])}
+    assert functions, f"no tiled {family} attention kernels in the sm_{arch} cubin"
     for kind, tag in TILED_KERNELS.items():
         kernels = {n: body for n, body in functions.items() if tag in n}
-        assert kernels, f"no {kind} kernel for sm_{arch}"
+        assert kernels, f"no {family} {kind} kernel for sm_{arch}"
         for name, body in kernels.items():
             # m16n8k16 with f32 accumulators (fp16: HMMA.16816.F32, bf16: HMMA.16816.F32.BF16).
             assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
             assert "LDSM.16.M88.4" in body, f"{name}: no ldmatrix.x4 (LDSM) on sm_{arch}"
             assert "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix.x4.trans on sm_{arch}"
             assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS) on sm_{arch}"
+        compiled = [d for d, pair in HEAD_DIM_PAIRS.items() if any(pair in n for n in kernels)]
+        assert compiled, f"no head-dim pair in the {family} {kind} kernel names"
 
+
+@pytest.mark.parametrize("arch", _archs())
+def test_select_kernel_uses_tensor_cores(arch):
+    kernels = {n: body for n, body in _sass_by_function(arch).items() if SELECT_KERNEL in n}
+    assert kernels, f"no select_tiled_kernel in the sm_{arch} cubin"
+    for name, body in kernels.items():
+        assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
+        assert "LDSM.16.M88.4" in body and "LDGSTS" in body, f"{name}: no ldmatrix / cp.async on sm_{arch}"
 
 
 def _resource_usage(arch):
@@ -82,7 +99,8 @@ def _resource_usage(arch):
 
 @pytest.mark.parametrize("arch", _archs())
 def test_tiled_kernels_do_not_spill(arch):
-    usage = {n: u for n, u in _resource_usage(arch).items() if any(t in n for t in TILED_KERNELS.values())}
+    tags = [*TILED_KERNELS.values(), SELECT_KERNEL]
+    usage = {n: u for n, u in _resource_usage(arch).items() if any(t in n for t in tags)}
     assert usage, f"no resource usage for the tiled kernels of sm_{arch}"
     compiled = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in usage)]
     assert compiled, "no head-dim pair found in the kernel names"

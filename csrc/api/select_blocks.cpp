@@ -1,5 +1,5 @@
 // Host API of fused top-n block selection (spec section 3): checks every input and the block
-// configuration, allocates the int32 indices, fills SelectParams once and runs the CPU kernel.
+// configuration, allocates the int32 indices, fills SelectParams once and runs the CPU or CUDA kernel.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -97,6 +97,12 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
   p.indices = indices.data_ptr<int32_t>();
   p.index_strides = row_head_strides(indices, packed, true);
   if (indices.numel() == 0 || p.num_seqs == 0) return indices;
+#ifdef NSA_WITH_CUDA
+  if (q.is_cuda()) {
+    select_blocks_cuda(p, q.scalar_type());
+    return indices;
+  }
+#endif
   TORCH_CHECK(q.is_cpu(), "nsa: select_blocks has no kernel for device ", q.device());
   select_blocks_cpu(p, q.scalar_type());
   return indices;
@@ -105,5 +111,9 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) { m.impl("select_blocks", &select_blocks); }
+
+#ifdef NSA_WITH_CUDA
+TORCH_LIBRARY_IMPL(nsa, CUDA, m) { m.impl("select_blocks", &select_blocks); }
+#endif
 
 }  // namespace nsa

@@ -1,6 +1,6 @@
 // Host API of selected-block attention (spec section 4): q/k/v are checked as for every attention op
-// (attention_common.h), plus the block indices. Registered for the CPU only for now: on CUDA tensors
-// the dispatcher raises NotImplementedError until the CUDA kernels exist.
+// (attention_common.h), plus the block indices. The same functions serve the CPU and CUDA dispatch
+// keys; only the kernel launch differs.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -61,6 +61,12 @@ std::tuple<at::Tensor, at::Tensor> selection_attention_fwd(
   const at::OptionalDeviceGuard device_guard(at::device_of(q));
   ForwardState s = prepare_forward(in, d.inputs.params);
   if (!s.has_work) return {s.out, s.lse};
+#ifdef NSA_WITH_CUDA
+  if (q.is_cuda()) {
+    selection_attention_fwd_cuda(s.params, d.selection, q.scalar_type());
+    return {s.out, s.lse};
+  }
+#endif
   TORCH_CHECK(q.is_cpu(), "nsa: no selection_attention kernel for device ", q.device());
   selection_attention_fwd_cpu(s.params, d.selection, q.scalar_type());
   return {s.out, s.lse};
@@ -76,6 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_attention_bwd(
   const at::OptionalDeviceGuard device_guard(at::device_of(q));
   BackwardState s = prepare_backward(in, d.inputs.params, dout, dlse, out, lse);
   if (!s.has_work) return {s.dq, s.dk, s.dv};
+#ifdef NSA_WITH_CUDA
+  if (q.is_cuda()) {
+    selection_attention_bwd_cuda(s.params, d.selection, q.scalar_type(), q, s.lse);
+    return {s.dq, s.dk, s.dv};
+  }
+#endif
   TORCH_CHECK(q.is_cpu(), "nsa: no selection_attention kernel for device ", q.device());
   selection_attention_bwd_cpu(s.params, d.selection, q.scalar_type());
   return {s.dq, s.dk, s.dv};
@@ -83,9 +95,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_attention_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nsa, CPU, m) {
+void register_selection_ops(torch::Library& m) {
   m.impl("selection_attention_fwd", &selection_attention_fwd);
   m.impl("selection_attention_bwd", &selection_attention_bwd);
 }
+
+TORCH_LIBRARY_IMPL(nsa, CPU, m) { register_selection_ops(m); }
+
+#ifdef NSA_WITH_CUDA
+TORCH_LIBRARY_IMPL(nsa, CUDA, m) { register_selection_ops(m); }
+#endif
 
 }  // namespace nsa

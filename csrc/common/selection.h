@@ -68,10 +68,101 @@ struct BlockSelection {
   NSA_HOST_DEVICE bool forced_candidate(int64_t block, int64_t own) const {
     return block < init_blocks || (block > own - local_blocks && block <= own);
   }
+  // How many of the candidates [0, cand) of a query whose own block is `own` are forced.
+  NSA_HOST_DEVICE int64_t forced_count(int64_t cand, int64_t own) const {
+    int64_t count = 0;
+    for (int64_t j = 0; j < cand; ++j) count += forced_candidate(j, own) ? 1 : 0;
+    return count;
+  }
+  // out[0, picked) holds a query's free picks: appends its forced candidates, sorts the ids ascending
+  // and pads with -1 up to n (the CUDA kernels' last step; n is small).
+  NSA_HOST_DEVICE void finish_row(int64_t cand, int64_t own, int64_t picked, int32_t* out) const {
+    int64_t kept = picked;
+    for (int64_t j = 0; j < cand; ++j)
+      if (forced_candidate(j, own)) out[kept++] = static_cast<int32_t>(j);
+    for (int64_t a = 1; a < kept; ++a) {  // insertion sort
+      const int32_t v = out[a];
+      int64_t b = a - 1;
+      while (b >= 0 && out[b] > v) {
+        out[b + 1] = out[b];
+        --b;
+      }
+      out[b + 1] = v;
+    }
+    for (int64_t e = kept; e < select_count; ++e) out[e] = -1;
+  }
   NSA_HOST_DEVICE bool forced(int64_t block, int64_t position) const {
     if (position < 0 || block < 0 || block * select_block > position) return false;
     return forced_candidate(block, own_block(position));
   }
+};
+
+// Whether block id `id` of a row counts for a query at `position` (spec section 4): within the
+// sequence's num_blocks and not in the query's future. -1 and every other out-of-range id fail, so
+// kernels test this before reading a single key of the block.
+NSA_HOST_DEVICE bool block_counts(int64_t id, int64_t num_blocks, int64_t select_block, int64_t position) {
+  return id >= 0 && id < num_blocks && id * select_block <= position;
+}
+
+// --- CUDA selected-block attention: index math the kernels share with CPU tests ------------------
+
+// Forward / dq tiles stack the G heads of whole query positions: tile_positions positions of G rows
+// (for G >= max_rows: max_rows rows, which span at most 2 positions). The tile's blocks are the union
+// of its positions' ids, sorted in shared memory as positions * n (id, position) pairs, at most
+// max_pairs; and each block records which of the tile's positions chose it in a 64-bit mask, so a
+// tile spans at most 64 positions. Returns the stacked rows per tile; 0 when n is too large for the
+// pair buffer (the caller then runs the baseline kernel). `wanted` > 0 caps the positions (benchmarks).
+NSA_HOST_DEVICE int64_t selection_tile_rows(int64_t group, int64_t count, int64_t max_rows, int64_t max_pairs,
+                                            int64_t wanted = 0) {
+  if (group >= max_rows) return 2 * count <= max_pairs ? max_rows : 0;
+  int64_t positions = max_rows / group;
+  if (positions > 64) positions = 64;
+  if (positions * count > max_pairs) positions = max_pairs / count;
+  if (wanted > 0 && wanted < positions) positions = wanted;
+  return positions * group;
+}
+
+// Bits [first, last] (0 <= first <= last < 64) of a tile's position mask: the positions a warp's rows hold.
+NSA_HOST_DEVICE uint64_t position_bits(int64_t first, int64_t last) {
+  const int64_t n = last - first + 1;
+  return (n >= 64 ? ~uint64_t(0) : ((uint64_t(1) << n) - 1)) << first;
+}
+
+// Sort key of a tile's (block id, position within the tile < 64) pair; invalid pairs sort last.
+constexpr uint64_t kNoPair = ~uint64_t(0);
+NSA_HOST_DEVICE uint64_t tile_pair(int64_t id, int64_t position) { return (uint64_t(id) << 6) | uint64_t(position); }
+NSA_HOST_DEVICE int64_t pair_block(uint64_t pair) { return static_cast<int64_t>(pair >> 6); }
+NSA_HOST_DEVICE int64_t pair_position(uint64_t pair) { return static_cast<int64_t>(pair & 63); }
+
+// Reverse index of the backward: one entry (slot << 32) | query per (query, kv head, block it chose),
+// slot = (kv_head * num_seqs + seq) * blocks_per_seq + block. Sorted, the entries of a slot are
+// contiguous and its queries ascending: a deterministic order for the dk / dv sums.
+constexpr int64_t kNoEntry = INT64_MAX;
+NSA_HOST_DEVICE int64_t reverse_slot(int64_t kv_head, int64_t seq, int64_t block, int64_t num_seqs,
+                                     int64_t blocks_per_seq) {
+  return (kv_head * num_seqs + seq) * blocks_per_seq + block;
+}
+NSA_HOST_DEVICE int64_t reverse_entry(int64_t slot, int64_t query) { return (slot << 32) | query; }
+NSA_HOST_DEVICE int64_t entry_query(int64_t entry) { return entry & 0xffffffff; }
+
+// Whether slot s of an index row (count ids) counts: block_counts, and not a repeat of an earlier slot.
+NSA_HOST_DEVICE bool first_counting_slot(const int32_t* ids, int64_t slot, int64_t num_blocks, int64_t select_block,
+                                         int64_t position) {
+  const int64_t id = ids[slot];
+  if (!block_counts(id, num_blocks, select_block, position)) return false;
+  for (int64_t earlier = 0; earlier < slot; ++earlier)
+    if (ids[earlier] == id) return false;
+  return true;
+}
+
+// Parameters of the CUDA selected-block attention kernels: the attention params (the forward fills
+// only the AttentionParams part), the selection, the tile shape and the backward's reverse index.
+struct SelectionAttentionParams : AttentionBwdParams {
+  SelectedBlocks selection;
+  int64_t tile_rows;               // stacked query rows per forward / dq tile (selection_tile_rows)
+  int64_t blocks_per_seq;          // ceil(max_key_rows / l'): reverse-index slots per (kv head, sequence)
+  const int64_t* reverse_offsets;  // [Hk * N * blocks_per_seq + 1]: entries of slot s are [off[s], off[s+1])
+  const int64_t* reverse_entries;  // sorted reverse_entry values
 };
 
 // select_blocks reads q, k_cmp (as k, compressed-token rows) and lse through the attention params

@@ -67,8 +67,7 @@ int64_t visible_blocks(const int32_t* ids, int64_t count, int64_t num_blocks, in
                        int32_t* out) {
   int64_t kept = 0;
   for (int64_t s = 0; s < count; ++s) {
-    const int64_t j = ids[s];
-    if (j >= 0 && j < num_blocks && j * block <= position) out[kept++] = static_cast<int32_t>(j);
+    if (block_counts(ids[s], num_blocks, block, position)) out[kept++] = ids[s];
   }
   std::sort(out, out + kept);
   return std::unique(out, out + kept) - out;

@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "common/decode_params.h"
+#include "cuda/baseline.h"
 #include "kernels.h"
 
 namespace nsa {
@@ -32,14 +33,8 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;          // key rows per online-softmax step
 constexpr int kMaxDimPerLane = 8;   // head dims up to 256: a lane holds 8 elements of a key row
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-__device__ __forceinline__ float exp_of(float x) { return __expf(x); }
-__device__ __forceinline__ double exp_of(double x) { return exp(x); }
+using baseline::fast_exp;
+using baseline::warp_sum;
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -161,8 +156,8 @@ struct DecodeBlock {
         acc_t top = s.max[g];
         for (int r = 0; r < rows; ++r) top = max(top, row[r]);
         acc_t total = 0;
-        for (int r = 0; r < rows; ++r) total += (row[r] = exp_of(row[r] - top));
-        s.alpha[g] = exp_of(s.max[g] - top);  // 0 on the first chunk (max was -inf)
+        for (int r = 0; r < rows; ++r) total += (row[r] = fast_exp(row[r] - top));
+        s.alpha[g] = fast_exp(s.max[g] - top);  // 0 on the first chunk (max was -inf)
         s.sum[g] = s.sum[g] * s.alpha[g] + total;
         s.max[g] = top;
       }
@@ -203,7 +198,7 @@ struct DecodeBlock {
       __syncthreads();
       for (int r = threadIdx.x; r < rows; r += kThreads) {
         acc_t prob = 0;
-        for (int64_t g = 0; g < group; ++g) prob += exp_of(s.scores[g * kChunk + r] - s.lse[g]);
+        for (int64_t g = 0; g < group; ++g) prob += fast_exp(s.scores[g * kChunk + r] - s.lse[g]);
         s.group_probs[r] = prob;
       }
       __syncthreads();

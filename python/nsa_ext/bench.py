@@ -34,6 +34,7 @@ bytes autograd saves for the backward (activations held between forward and back
 import argparse
 import csv
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -728,6 +729,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compress-stride", type=int, default=nsa_ext.NSAConfig.compress_stride)
     parser.add_argument("--select-block", type=int, default=nsa_ext.NSAConfig.select_block)
     parser.add_argument("--select-count", type=int, default=nsa_ext.NSAConfig.select_count)
+    parser.add_argument("--tile-positions", type=int, default=None,
+                        help="CUDA selection: cap the query positions per forward/dq tile (sets "
+                             "NSA_SELECTION_TILE_POSITIONS), to measure how small groups should be packed")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-sets", type=int, default=2, help="input copies the runs rotate over")
@@ -739,6 +743,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tile_positions:
+        os.environ["NSA_SELECTION_TILE_POSITIONS"] = str(args.tile_positions)
     cuda = args.device.startswith("cuda")
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16" if cuda else "float32")).split(",")]
     seqlens = _ints(args.seqlens or ("512,1024" if args.quick else "1024,4096,16384,65536" if cuda

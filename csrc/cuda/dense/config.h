@@ -5,7 +5,7 @@
 // (Dqk + Dv)/(2 * slices) + kBlockM; ptxas adds the unrolled fragment loads on top, so the large head
 // dims sit at 255 registers. tests/test_cuda_build.py fails on any spill (local memory or stack).
 #include "common/attention_params.h"
-#include "cuda/dense/traits.h"
+#include "cuda/tile/traits.h"
 
 namespace nsa {
 namespace tiled {

@@ -1,7 +1,6 @@
 #pragma once
 // Included by the per-head-dim files only: defines the entry points for one head-dim pair.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda/tile/instantiate.h"
 
 #include "cuda/dense/config.h"
 #include "cuda/dense/kernels.h"
@@ -23,10 +22,4 @@ void run_bwd(const AttentionBwdParams& p) {
 }  // namespace tiled
 }  // namespace nsa
 
-#define NSA_INSTANTIATE_TILED(DQK, DV)                                                  \
-  namespace nsa::tiled {                                                                \
-  template void run_fwd<__nv_bfloat16, DQK, DV>(const AttentionParams&);                \
-  template void run_fwd<__half, DQK, DV>(const AttentionParams&);                       \
-  template void run_bwd<__nv_bfloat16, DQK, DV>(const AttentionBwdParams&);             \
-  template void run_bwd<__half, DQK, DV>(const AttentionBwdParams&);                    \
-  }
+#define NSA_INSTANTIATE_TILED(DQK, DV) NSA_INSTANTIATE_ENTRY_POINTS(run_fwd, AttentionParams, run_bwd, AttentionBwdParams, DQK, DV)

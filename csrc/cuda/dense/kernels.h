@@ -1,549 +1,127 @@
 #pragma once
-// FlashAttention-2-style tensor-core kernels of the dense attention family (sliding window,
-// compressed tokens) for bf16 / fp16, and their launch templates:
-//   fwd_kernel    one block per (query tile, kv head): online softmax over the visited key tiles.
-//   delta_kernel  delta = rowsum(dO * O) - dlse per (query row, head).
-//   dq_kernel     one block per (query tile, kv head): dQ = scale * sum over key tiles of dS K.
-//   dkv_kernel    one block per (key tile, kv head, column slice): dK, dV over the query tiles that
-//                 see the key tile (queries_seeing). No atomics anywhere: every output element is
-//                 written by one thread after a fixed-order loop, so reruns are bitwise equal.
+// The dense attention family (sliding window, compressed tokens) on the shared tensor-core kernels of
+// cuda/tile/attention.h: its Schedule (which key tiles a query tile visits) and KeyBlock (which query
+// rows a key tile serves) policies, and the launch templates.
 //
-// GQA: a query tile stacks the G query heads of one kv head. Stacked row r of a sequence is query
-// position r / G, query head kv_head * G + r % G; one K/V tile in shared memory then serves all G
-// heads, and a tile of 16 * warps rows spans only (16 * warps) / G positions, so a window's key
-// range per tile grows by that many keys instead of 16 * warps (G = 16, 128 rows: 8 positions,
-// about w + 8 keys visited for w needed; one head per block would load every K/V tile G times).
+// A tile of 16 * warps stacked rows spans only (16 * warps) / G positions, so a window's key range per
+// tile grows by that many keys instead of 16 * warps (G = 16, 128 rows: 8 positions, about w + 8 keys
+// visited for w needed; one head per block would load every K/V tile G times).
 //
 // Masks: the VisibilityMask (common/masks.h) is the mask functor; key tiles outside the tile's key
 // range are never visited (key_tiles_for_rows), interior tiles run without a mask and only
 // boundary tiles compare key indices (common/tile_schedule.h). A window w at length T costs
 // O(T * (w + tile)).
-// c10 headers only, not ATen: the per-head-dim files then compile in a fraction of the time.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
-
-#include <cmath>
-#include <cstdint>
-
-#include "common/attention_params.h"
 #include "common/tile_schedule.h"
-#include "cuda/dense/device_utils.h"
-#include "cuda/dense/traits.h"
+#include "cuda/tile/attention.h"
 
 namespace nsa {
 namespace tiled {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// One tile of stacked query rows of one sequence and kv head, and the key tiles it visits.
-struct QueryTile {
-  SeqSpan span;
-  int64_t group;
-  int64_t kv_head;
-  int64_t row_begin;  // stacked rows [row_begin, row_end), row_end clamped to the sequence
-  int64_t row_end;
-  KeyTiles keys;
-};
-
-// blockIdx.x = sequence * tiles_per_seq + tile; tiles run in reverse so that the tiles with the most
-// keys (late queries of compressed attention) start first. blockIdx.y = kv head.
-template <typename Params>
-__device__ __forceinline__ QueryTile query_tile(const Params& p, int rows_per_tile, int block_n) {
-  QueryTile qt;
-  qt.group = p.num_heads_q / p.num_heads_k;
-  const int64_t tiles_per_seq = (p.max_seqlen_q * qt.group + rows_per_tile - 1) / rows_per_tile;
-  const int64_t seq = blockIdx.x / tiles_per_seq;
-  const int64_t tile = tiles_per_seq - 1 - blockIdx.x % tiles_per_seq;
-  qt.kv_head = blockIdx.y;
-  qt.span = seq_span(p, seq);
-  const int64_t rows = qt.span.q_len * qt.group;
-  qt.row_begin = tile * rows_per_tile;
-  qt.row_end = qt.row_begin + rows_per_tile < rows ? qt.row_begin + rows_per_tile : rows;
-  qt.keys = {0, 0, 0, 0};
-  if (qt.row_begin < qt.row_end) {
-    const StackedRows pos = stacked_positions(qt.row_begin, qt.row_end, qt.group);
-    qt.keys = key_tiles_for_rows(p.mask, qt.span.query_offset, pos.first_position, pos.last_position,
-                                 qt.span.k_len, block_n);
-  }
-  return qt;
-}
-
-// Element offset of stacked row `row` in a [.., Hq, D] tensor (q, o, dout, dq) or [.., Hq] (lse).
-__device__ __forceinline__ int64_t stacked_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t group,
-                                                  int64_t kv_head) {
-  return st.offset(s.batch, s.q_row_begin + row / group, kv_head * group + row % group);
-}
-
-__device__ __forceinline__ int64_t key_offset(const Strides& st, const SeqSpan& s, int64_t key, int64_t kv_head) {
-  return st.offset(s.batch, s.k_row_begin + key, kv_head);
-}
-
-// Key range [begin, end) of stacked row `row` (empty past the sequence's rows), as 32-bit ints:
-// the launchers check that key rows fit.
+// Key range [begin, end) of stacked row `row` (empty past the tile's rows), as 32-bit ints: the
+// launchers check that key rows fit.
 struct RowKeys {
   int begin;
   int end;
 };
-__device__ __forceinline__ RowKeys row_keys(const VisibilityMask& mask, const QueryTile& qt, int64_t row) {
-  if (row >= qt.row_end) return {0, 0};
-  const KeyRange r = mask.keys_for(qt.span.query_offset + row / qt.group, qt.span.k_len);
-  return {static_cast<int>(r.begin), static_cast<int>(r.end)};
-}
 
-// [kRows, kDim] tile of stacked query rows [row0, row0 + kRows) of a [.., Hq, D] tensor (q, dout) into
-// shared memory; rows at or past row_end are zero-filled.
-template <int kRows, int kDim, int kStride, int kThreads, typename Element>
-__device__ __forceinline__ void load_stacked_rows(Element* smem, const void* base, const Strides& st,
-                                                  const SeqSpan& s, int64_t row0, int64_t row_end, int64_t group,
-                                                  int64_t kv_head) {
-  const Element* t = static_cast<const Element*>(base);
-  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
-    return row0 + r < row_end ? t + stacked_offset(st, s, row0 + r, group, kv_head) : nullptr;
-  });
-}
-
-// [kRows, kDim] tile of key rows [key0, key0 + kRows) of a [.., Hk, D] tensor (k, v); rows past the
-// sequence are zero-filled.
-template <int kRows, int kDim, int kStride, int kThreads, typename Element>
-__device__ __forceinline__ void load_key_rows(Element* smem, const void* base, const Strides& st, const SeqSpan& s,
-                                              int64_t key0, int64_t kv_head) {
-  const Element* t = static_cast<const Element*>(base);
-  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
-    return key0 + r < s.k_len ? t + key_offset(st, s, key0 + r, kv_head) : nullptr;
-  });
-}
-
-// Key tile `tile` (kBlockN keys) of K and V into pipeline stage `stage` (forward and dq kernels).
-template <typename Kt>
-__device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename Kt::Element* sV,
-                                              const AttentionParams& p, const SeqSpan& s, int64_t kv_head,
-                                              int64_t tile, int stage) {
-  constexpr int kN = Kt::kBlockN;
-  load_key_rows<kN, Kt::kHeadDimQK, Kt::kStrideQK, Kt::kThreads>(sK + stage * kN * Kt::kStrideQK, p.k,
-                                                                    p.k_strides, s, tile * kN, kv_head);
-  load_key_rows<kN, Kt::kHeadDimV, Kt::kStrideV, Kt::kThreads>(sV + stage * kN * Kt::kStrideV, p.v, p.v_strides,
-                                                                  s, tile * kN, kv_head);
-}
-
-__device__ __forceinline__ bool outside(const RowKeys& keys, int key) { return key < keys.begin || key >= keys.end; }
-
-// ---------------------------------------------------------------------------------------------------
-// Forward
-// ---------------------------------------------------------------------------------------------------
-
-template <typename Kt>
-__global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const AttentionParams p) {
-  using Element = typename Kt::Element;
-  constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
-  Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
-  Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
-
-  const QueryTile qt = query_tile(p, kM, kN);
-  if (qt.row_begin >= qt.row_end) return;
-  const SeqSpan& s = qt.span;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
-
-  // This thread's accumulator rows: g and g + 8 of the warp's 16-row slab.
-  const int64_t my_row[2] = {qt.row_begin + warp * 16 + g, qt.row_begin + warp * 16 + g + 8};
-  const RowKeys my_keys[2] = {row_keys(p.mask, qt, my_row[0]), row_keys(p.mask, qt, my_row[1])};
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;  // scores kept in log2 units
-
-  float acc_o[kDv / 8][4];  // O: [16 x kDv] per warp
-  zero(acc_o);
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; the quad is summed at the end
-
-  if (qt.keys.begin < qt.keys.end) {
-    load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end,
-                                                         qt.group, qt.kv_head);
-    load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, qt.keys.begin, 0);
-    cp_async_commit();
-
-    for (int64_t tile = qt.keys.begin; tile < qt.keys.end; ++tile) {
-      const int stage = static_cast<int>(tile - qt.keys.begin) & 1;
-      // Double buffering: the next K/V tile streams in while this one is used. The stage it
-      // overwrites was released by the barrier that ended the previous iteration.
-      if (tile + 1 < qt.keys.end) {
-        load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, tile + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-
-      float sc[kN / 8][4];  // S = Q K^T: [16 x kN] per warp, then P
-      zero(sc);
-      gemm_ss<Element, kN, kDqk>(sc, sQ + warp * 16 * kSqk, kSqk, sK + stage * kN * kSqk, kSqk, lane);
-
-      const bool boundary = !qt.keys.interior(tile);
-#pragma unroll
-      for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float x = sc[nb][i] * scale_log2;
-          if (boundary) {
-            const int key = static_cast<int>(tile * kN) + nb * 8 + 2 * t + (i & 1);
-            if (outside(my_keys[i >> 1], key)) x = -INFINITY;
-          }
-          sc[nb][i] = x;
-        }
-      }
-
-      // Online softmax, per accumulator row half (c0 c1: row g, c2 c3: row g + 8).
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = row_max[h];
-#pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[nb][2 * h], sc[nb][2 * h + 1]));
-        mx = quad_max(mx);
-        // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
-        const float base = mx == -INFINITY ? 0.f : mx;
-        const float rescale = fast_exp2(row_max[h] - base);
-        row_max[h] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb) {
-          sc[nb][2 * h] = fast_exp2(sc[nb][2 * h] - base);
-          sc[nb][2 * h + 1] = fast_exp2(sc[nb][2 * h + 1] - base);
-          sum += sc[nb][2 * h] + sc[nb][2 * h + 1];
-        }
-        row_sum[h] = row_sum[h] * rescale + sum;
-#pragma unroll
-        for (int nb = 0; nb < kDv / 8; ++nb) {
-          acc_o[nb][2 * h] *= rescale;
-          acc_o[nb][2 * h + 1] *= rescale;
-        }
-      }
-
-      uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN]
-      accumulators_to_a<Element, kN>(pa, sc);
-      gemm_rs<Element, kDv, kN>(acc_o, pa, sV + stage * kN * kSv, kSv, lane);  // O += P V
-      __syncthreads();
-    }
-  }
-
-  float inv_sum[2], lse[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float total = quad_sum(row_sum[h]);
-    const bool seen = total > 0.f;  // a row that sees no key: out 0, lse -inf
-    inv_sum[h] = seen ? 1.f / total : 0.f;
-    lse[h] = seen ? (row_max[h] + log2f(total)) * kLn2 : -INFINITY;
-  }
-  Element* o = static_cast<Element*>(p.o);
-  store_rows<Element, kDv>(acc_o, inv_sum[0], inv_sum[1], lane, [&](int r) -> Element* {
-    const int64_t row = qt.row_begin + warp * 16 + r;
-    return row < qt.row_end ? o + stacked_offset(p.o_strides, s, row, qt.group, qt.kv_head) : nullptr;
-  });
-  if (t == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (my_row[h] < qt.row_end)
-        static_cast<float*>(p.lse)[stacked_offset(p.lse_strides, s, my_row[h], qt.group, qt.kv_head)] = lse[h];
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------------------------------
-
-constexpr int kDeltaWarps = 4;
-
-// delta = rowsum(dO * O) - dlse, one warp per (query row, head); blockIdx.y = query head.
-template <typename Element>
-__global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttentionBwdParams p) {
-  const int64_t blocks_per_seq = (p.max_seqlen_q + kDeltaWarps - 1) / kDeltaWarps;
-  const int64_t seq = blockIdx.x / blocks_per_seq;
-  const int64_t row = (blockIdx.x % blocks_per_seq) * kDeltaWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const SeqSpan s = seq_span(p, seq);
-  if (row >= s.q_len) return;
-  const int64_t head = blockIdx.y, r = s.q_row_begin + row;
-  const Element* dout = static_cast<const Element*>(p.dout) + p.dout_strides.offset(s.batch, r, head);
-  const Element* out = static_cast<const Element*>(p.o) + p.o_strides.offset(s.batch, r, head);
-  float sum = 0.f;
-  for (int64_t d = lane; d < p.head_dim_v; d += 32) sum += to_float(dout[d]) * to_float(out[d]);
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) {
-    const float dlse = p.dlse ? static_cast<const float*>(p.dlse)[p.dlse_strides.offset(s.batch, r, head)] : 0.f;
-    p.softmax_delta[p.lse_strides.offset(s.batch, r, head)] = sum - dlse;
-  }
-}
-
-// lse in log2 units for P = exp2(s * scale_log2 - lse_log2); +inf for rows that saw nothing (lse
-// = -inf) and rows past the sequence, which makes their P exactly 0 in every tile.
-__device__ __forceinline__ float lse_log2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
-
-template <typename Kt>
-__global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const AttentionBwdParams p) {
-  using Element = typename Kt::Element;
-  constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
-  Element* sdO = sQ + kM * kSqk;                         // [kM][kSv]
-  Element* sK = sdO + kM * kSv;                          // [2 stages][kN][kSqk]
-  Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
-
-  const QueryTile qt = query_tile(p, kM, kN);
-  // dq is zero-filled by the host: tiles without rows or keys have nothing to add.
-  if (qt.row_begin >= qt.row_end || qt.keys.begin >= qt.keys.end) return;
-  const SeqSpan& s = qt.span;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
-
-  const int64_t my_row[2] = {qt.row_begin + warp * 16 + g, qt.row_begin + warp * 16 + g + 8};
-  const RowKeys my_keys[2] = {row_keys(p.mask, qt, my_row[0]), row_keys(p.mask, qt, my_row[1])};
-  float my_lse[2], my_delta[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const bool valid = my_row[h] < qt.row_end;
-    const int64_t off = valid ? stacked_offset(p.lse_strides, s, my_row[h], qt.group, qt.kv_head) : 0;
-    my_lse[h] = valid ? lse_log2_of(static_cast<const float*>(p.lse)[off]) : INFINITY;
-    my_delta[h] = valid ? p.softmax_delta[off] : 0.f;
-  }
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-
-  load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group,
-                                                       qt.kv_head);
-  load_stacked_rows<kM, kDv, kSv, kThreads, Element>(sdO, p.dout, p.dout_strides, s, qt.row_begin, qt.row_end,
-                                                     qt.group, qt.kv_head);
-  load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, qt.keys.begin, 0);
-  cp_async_commit();
-
-  float acc_dq[kDqk / 8][4];  // dQ / scale: [16 x kDqk] per warp
-  zero(acc_dq);
-  for (int64_t tile = qt.keys.begin; tile < qt.keys.end; ++tile) {
-    const int stage = static_cast<int>(tile - qt.keys.begin) & 1;
-    if (tile + 1 < qt.keys.end) {
-      load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, tile + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const Element* k_tile = sK + stage * kN * kSqk;
-
-    float pr[kN / 8][4];  // S = Q K^T, then P = exp(scale S - lse): [16 x kN]
-    zero(pr);
-    gemm_ss<Element, kN, kDqk>(pr, sQ + warp * 16 * kSqk, kSqk, k_tile, kSqk, lane);
-    float ds[kN / 8][4];  // dP = dO V^T, then dS = P (dP - delta): [16 x kN]
-    zero(ds);
-    gemm_ss<Element, kN, kDv>(ds, sdO + warp * 16 * kSv, kSv, sV + stage * kN * kSv, kSv, lane);
-
-    const bool boundary = !qt.keys.interior(tile);
-#pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int h = i >> 1;
-        float prob = fast_exp2(fmaf(pr[nb][i], scale_log2, -my_lse[h]));
-        if (boundary) {
-          const int key = static_cast<int>(tile * kN) + nb * 8 + 2 * t + (i & 1);
-          if (outside(my_keys[h], key)) prob = 0.f;
-        }
-        ds[nb][i] = prob * (ds[nb][i] - my_delta[h]);
-      }
-    }
-    uint32_t da[kN / 16][4];
-    accumulators_to_a<Element, kN>(da, ds);
-    gemm_rs<Element, kDqk, kN>(acc_dq, da, k_tile, kSqk, lane);  // dQ += dS K
-    __syncthreads();
-  }
-
-  Element* dq = static_cast<Element*>(p.dq);
-  const float scale = static_cast<float>(p.scale);
-  store_rows<Element, kDqk>(acc_dq, scale, scale, lane, [&](int r) -> Element* {
-    const int64_t row = qt.row_begin + warp * 16 + r;
-    return row < qt.row_end ? dq + stacked_offset(p.dq_strides, s, row, qt.group, qt.kv_head) : nullptr;
-  });
-}
-
-template <typename Kt>
-__global__ void __launch_bounds__(Kt::kThreads) dkv_kernel(const AttentionBwdParams p) {
-  using Element = typename Kt::Element;
-  constexpr int kN = Kt::kRows, kM = Kt::kBlockM, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
-  constexpr int kSliceQK = Kt::kSliceQK, kSliceV = Kt::kSliceV;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Element* sK = reinterpret_cast<Element*>(smem_raw);  // [kN][kSqk]
-  Element* sV = sK + kN * kSqk;                          // [kN][kSv]
-  Element* sQ = sV + kN * kSv;                           // [2 stages][kM][kSqk]
-  Element* sdO = sQ + 2 * kM * kSqk;                     // [2 stages][kM][kSv]
-  float* s_lse = reinterpret_cast<float*>(sdO + 2 * kM * kSv);  // [2 stages][kM], log2 units
-  float* s_delta = s_lse + 2 * kM;                              // [2 stages][kM]
-  int* s_key_begin = reinterpret_cast<int*>(s_delta + 2 * kM);  // [2 stages][kM]
-  int* s_key_end = s_key_begin + 2 * kM;                        // [2 stages][kM]
-
-  const int64_t group = p.num_heads_q / p.num_heads_k;
-  const int64_t tiles_per_seq = (p.max_key_rows + kN - 1) / kN;
-  const int64_t seq = blockIdx.x / tiles_per_seq;
-  const int64_t key0 = (blockIdx.x % tiles_per_seq) * kN;
-  const int64_t kv_head = blockIdx.y;
-  const int slice = blockIdx.z;
-  const SeqSpan s = seq_span(p, seq);
-  if (key0 >= s.k_len) return;
-  const int64_t key_end = key0 + kN < s.k_len ? key0 + kN : s.k_len;
-  const QueryRange seeing = queries_seeing(p.mask, key0, key_end, s.query_offset, s.q_len, s.k_len);
-  // dk / dv are zero-filled by the host: keys no query sees are done.
-  if (seeing.begin >= seeing.end) return;
-  const int64_t rows = s.q_len * group;
-  const int64_t first_row = seeing.begin * group, last_row = seeing.end * group;  // stacked rows [first, last)
-  const int num_tiles = static_cast<int>((last_row - first_row + kM - 1) / kM);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-
-  load_key_rows<kN, kDqk, kSqk, kThreads, Element>(sK, p.k, p.k_strides, s, key0, kv_head);
-  load_key_rows<kN, kDv, kSv, kThreads, Element>(sV, p.v, p.v_strides, s, key0, kv_head);
-  // Query tile at stacked row r0 into `stage`: Q and dO by cp.async, per-row lse / delta / key range
-  // by plain stores (read only after the barrier that follows the matching cp.async wait).
-  auto load_queries = [&](int64_t r0, int stage) {
-    load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ + stage * kM * kSqk, p.q, p.q_strides, s, r0, rows,
-                                                         group, kv_head);
-    load_stacked_rows<kM, kDv, kSv, kThreads, Element>(sdO + stage * kM * kSv, p.dout, p.dout_strides, s, r0, rows,
-                                                       group, kv_head);
-    for (int r = threadIdx.x; r < kM; r += kThreads) {
-      const int64_t row = r0 + r;
-      float lse = INFINITY, delta = 0.f;
-      KeyRange keys{0, 0};
-      if (row < rows) {
-        const int64_t off = stacked_offset(p.lse_strides, s, row, group, kv_head);
-        lse = lse_log2_of(static_cast<const float*>(p.lse)[off]);
-        delta = p.softmax_delta[off];
-        keys = p.mask.keys_for(s.query_offset + row / group, s.k_len);
-      }
-      s_lse[stage * kM + r] = lse;
-      s_delta[stage * kM + r] = delta;
-      s_key_begin[stage * kM + r] = static_cast<int>(keys.begin);
-      s_key_end[stage * kM + r] = static_cast<int>(keys.end);
-    }
+template <int kBlockN>
+struct DenseSchedule {
+  using Params = AttentionParams;
+  using BwdParams = AttentionBwdParams;
+  static constexpr int kSmemBytes = 0;
+  struct Step {
+    int64_t key0;
+    int64_t key_limit;
+    bool boundary;
   };
-  load_queries(first_row, 0);
-  cp_async_commit();
 
-  float acc_dk[kSliceQK / 8][4];  // dK / scale, columns [slice * kSliceQK, +kSliceQK): [16 x kSliceQK]
-  float acc_dv[kSliceV / 8][4];   // dV, columns [slice * kSliceV, +kSliceV): [16 x kSliceV]
-  zero(acc_dk);
-  zero(acc_dv);
-  const int my_key[2] = {static_cast<int>(key0) + warp * 16 + g, static_cast<int>(key0) + warp * 16 + g + 8};
+  KeyTiles keys;
+  int64_t k_len;
+  RowKeys my_keys[2];  // this thread's accumulator rows g and g + 8 of the warp's slab
 
-  for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it & 1;
-    const int64_t r0 = first_row + static_cast<int64_t>(it) * kM;
-    if (it + 1 < num_tiles) {
-      load_queries(r0 + kM, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const Element* q_tile = sQ + stage * kM * kSqk;
-    const Element* do_tile = sdO + stage * kM * kSv;
-    const float* lse = s_lse + stage * kM;
-    const float* delta = s_delta + stage * kM;
-    const int* kb = s_key_begin + stage * kM;
-    const int* ke = s_key_end + stage * kM;
-    const int64_t r1 = r0 + kM < rows ? r0 + kM : rows;
-    const bool boundary = !tile_is_interior(p.mask, s.query_offset, r0 / group, (r1 - 1) / group, key0, key0 + kN,
-                                            s.k_len);
+  __device__ static int64_t tile_rows(const AttentionParams&, int rows) { return rows; }
 
-    float pt[kM / 8][4];  // S^T = K Q^T, then P^T: [16 keys x kM queries] per warp
-    zero(pt);
-    gemm_ss<Element, kM, kDqk>(pt, sK + warp * 16 * kSqk, kSqk, q_tile, kSqk, lane);
-#pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int col = nb * 8 + 2 * t + (i & 1);  // query row within the tile
-        float prob = fast_exp2(fmaf(pt[nb][i], scale_log2, -lse[col]));
-        if (boundary) {
-          const int key = my_key[i >> 1];
-          if (key < kb[col] || key >= ke[col]) prob = 0.f;
-        }
-        pt[nb][i] = prob;
+  __device__ DenseSchedule(const AttentionParams& p, const QueryTile& qt, void*, void*, int warp, int lane)
+      : k_len(qt.span.k_len) {
+    const StackedRows pos = stacked_positions(qt.row_begin, qt.row_end, qt.group);
+    keys = key_tiles_for_rows(p.mask, qt.span.query_offset, pos.first_position, pos.last_position, qt.span.k_len,
+                              kBlockN);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = qt.row_begin + warp * 16 + mma::group_id(lane) + 8 * h;
+      my_keys[h] = {0, 0};
+      if (row < qt.row_end) {
+        const KeyRange r = p.mask.keys_for(qt.span.query_offset + row / qt.group, qt.span.k_len);
+        my_keys[h] = {static_cast<int>(r.begin), static_cast<int>(r.end)};
       }
     }
-    uint32_t fa[kM / 16][4];
-    accumulators_to_a<Element, kM>(fa, pt);
-    gemm_rs<Element, kSliceV, kM>(acc_dv, fa, do_tile + slice * kSliceV, kSv, lane);  // dV += P^T dO
-
-    float ds[kM / 8][4];  // dP^T = V dO^T, then dS^T = P^T (dP^T - delta): [16 keys x kM queries]
-    zero(ds);
-    gemm_ss<Element, kM, kDv>(ds, sV + warp * 16 * kSv, kSv, do_tile, kSv, lane);
-#pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ds[nb][i] = pt[nb][i] * (ds[nb][i] - delta[nb * 8 + 2 * t + (i & 1)]);
-    }
-    accumulators_to_a<Element, kM>(fa, ds);
-    gemm_rs<Element, kSliceQK, kM>(acc_dk, fa, q_tile + slice * kSliceQK, kSqk, lane);  // dK += dS^T Q
-    __syncthreads();
   }
-
-  Element* dk = static_cast<Element*>(p.dk);
-  Element* dv = static_cast<Element*>(p.dv);
-  store_rows<Element, kSliceQK>(acc_dk, static_cast<float>(p.scale), static_cast<float>(p.scale), lane,
-                                [&](int r) -> Element* {
-                                  const int64_t key = key0 + warp * 16 + r;
-                                  return key < s.k_len ? dk + key_offset(p.dk_strides, s, key, kv_head) +
-                                                             slice * kSliceQK
-                                                       : nullptr;
-                                });
-  store_rows<Element, kSliceV>(acc_dv, 1.f, 1.f, lane, [&](int r) -> Element* {
-    const int64_t key = key0 + warp * 16 + r;
-    return key < s.k_len ? dv + key_offset(p.dv_strides, s, key, kv_head) + slice * kSliceV : nullptr;
-  });
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Launch templates
-// ---------------------------------------------------------------------------------------------------
-
-inline dim3 checked_grid(int64_t x, int64_t y, int64_t z = 1) {
-  TORCH_CHECK(x < (int64_t(1) << 31) && y < 65536 && z < 65536, "nsa: problem too large for one launch (grid ", x,
-              " x ", y, " x ", z, ")");
-  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
-}
-
-template <typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, int threads, int smem, const Params& p) {
-  if (grid.x == 0 || grid.y == 0) return;
-  if (smem > 48 * 1024) {
-    // Above 48 KB dynamic shared memory must be opted into, per kernel (cheap; also inside graph capture).
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  __device__ int64_t steps() const { return keys.end - keys.begin; }
+  __device__ Step at(int64_t step) const {
+    const int64_t tile = keys.begin + step;
+    return {tile * kBlockN, k_len, !keys.interior(tile)};
   }
-  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+  __device__ bool warp_active(const Step&) const { return true; }
+  __device__ bool needs_mask(const Step& at) const { return at.boundary; }
+  __device__ bool visible(const Step&, int h, int key) const {
+    return key >= my_keys[h].begin && key < my_keys[h].end;
+  }
+};
+
+// Key tile blockIdx.x % tiles of sequence blockIdx.x / tiles: the stacked query rows that see it
+// (queries_seeing), in order.
+struct DenseKeyBlock {
+  using Params = AttentionBwdParams;
+  SeqSpan span;
+  int64_t kv_head, group, key0, key_limit;
+  int64_t first_row;  // stacked row of row 0
+  int64_t rows;
+  int64_t tile_end = 0;  // key0 + the tile's rows: interior means every row sees all of them
+  VisibilityMask mask;
+
+  __device__ DenseKeyBlock(const AttentionBwdParams& p, int key_rows)
+      : kv_head(blockIdx.y), group(p.num_heads_q / p.num_heads_k), first_row(0), rows(0), mask(p.mask) {
+    const int64_t tiles_per_seq = (p.max_key_rows + key_rows - 1) / key_rows;
+    span = seq_span(p, blockIdx.x / tiles_per_seq);
+    key0 = (blockIdx.x % tiles_per_seq) * key_rows;
+    key_limit = span.k_len;
+    if (key0 >= key_limit) return;
+    const int64_t key_end = key0 + key_rows < span.k_len ? key0 + key_rows : span.k_len;
+    const QueryRange seeing = queries_seeing(mask, key0, key_end, span.query_offset, span.q_len, span.k_len);
+    first_row = seeing.begin * group;
+    rows = seeing.end > seeing.begin ? (seeing.end - seeing.begin) * group : 0;
+    tile_end = key0 + key_rows;
+  }
+  __device__ QueryHead query(int64_t row) const {
+    const int64_t r = first_row + row;
+    return {r / group, kv_head * group + r % group};
+  }
+  __device__ KeyRange keys_of(int64_t query) const { return mask.keys_for(span.query_offset + query, span.k_len); }
+  // Keys past the sequence in its last tile are computed and not stored: no branch for them.
+  __device__ bool warp_active(int) const { return true; }
+  __device__ bool boundary(int64_t r0, int64_t r1) const {
+    return !tile_is_interior(mask, span.query_offset, (first_row + r0) / group, (first_row + r1 - 1) / group, key0,
+                             tile_end, span.k_len);
+  }
+};
 
 template <typename Kt>
 void launch_fwd(const AttentionParams& p) {
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tiles = (p.max_seqlen_q * group + Kt::kRows - 1) / Kt::kRows;
-  launch(fwd_kernel<Kt>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads, Kt::kFwdSmem, p);
+  launch(fwd_kernel<Kt, DenseSchedule<Kt::kBlockN>>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads,
+         Kt::kFwdSmem, p);
 }
 
 template <typename Element, typename DqKt, typename DkvKt>
 void launch_bwd(const AttentionBwdParams& p) {
-  const int64_t delta_blocks = (p.max_seqlen_q + kDeltaWarps - 1) / kDeltaWarps;
-  launch(delta_kernel<Element>, checked_grid(p.num_seqs * delta_blocks, p.num_heads_q), kDeltaWarps * 32, 0, p);
+  launch_delta<Element>(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t q_tiles = (p.max_seqlen_q * group + DqKt::kRows - 1) / DqKt::kRows;
-  launch(dq_kernel<DqKt>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k), DqKt::kThreads, DqKt::kDqSmem, p);
+  launch(dq_kernel<DqKt, DenseSchedule<DqKt::kBlockN>>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k),
+         DqKt::kThreads, DqKt::kDqSmem, p);
   const int64_t k_tiles = (p.max_key_rows + DkvKt::kRows - 1) / DkvKt::kRows;
-  launch(dkv_kernel<DkvKt>, checked_grid(p.num_seqs * k_tiles, p.num_heads_k, DkvKt::kSplitD), DkvKt::kThreads,
-         DkvKt::kDkvSmem, p);
+  launch(dkv_kernel<DkvKt, DenseKeyBlock>, checked_grid(p.num_seqs * k_tiles, p.num_heads_k, DkvKt::kSplitD),
+         DkvKt::kThreads, DkvKt::kDkvSmem, p);
 }
 
 }  // namespace tiled

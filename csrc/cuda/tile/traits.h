@@ -1,6 +1,6 @@
 #pragma once
 // Tile shapes of the tiled (tensor-core) dense attention kernels, and the shared memory they need.
-// One traits template per head-dim configuration; csrc/cuda/dense/config.h picks them.
+// One traits template per head-dim configuration; csrc/cuda/dense/config.h and csrc/cuda/selection/config.h pick them.
 #include <cstdint>
 
 namespace nsa {

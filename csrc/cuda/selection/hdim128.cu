@@ -1,0 +1,5 @@
+// Selected-block attention kernels for head dims Dk = 128, Dv = 128 (bf16 and fp16); one file per pair,
+// as for the dense family (cuda/dense/hdim128.cu), so that the build compiles them in parallel.
+#include "cuda/selection/instantiate.h"
+
+NSA_INSTANTIATE_SELECTION(128, 128)

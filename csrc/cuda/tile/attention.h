@@ -1,0 +1,560 @@
+#pragma once
+// FlashAttention-2-style tensor-core kernels for bf16 / fp16, shared by every attention family
+// (dense: sliding window and compressed tokens, csrc/cuda/dense/; selected blocks,
+// csrc/cuda/selection/). What differs between families is which keys a query tile visits and which
+// queries a key tile serves; that is a policy type, the kernels are one template each:
+//   fwd_kernel<Kt, Schedule>   one block per (query tile, kv head): online softmax over the key tiles
+//                              the schedule lists.
+//   delta_kernel               delta = rowsum(dO * O) - dlse per (query row, head).
+//   dq_kernel<Kt, Schedule>    one block per (query tile, kv head): dQ = scale * sum over key tiles of dS K.
+//   dkv_kernel<Kt, KeyBlock>   one block per (key tile, kv head, column slice): dK, dV over the query
+//                              rows the KeyBlock policy lists. No atomics anywhere: every output element
+//                              is written by one thread after a fixed-order loop, so reruns are bitwise equal.
+//
+// GQA: a query tile stacks the G query heads of one kv head. Stacked row r of a sequence is query
+// position r / G, query head kv_head * G + r % G; one K/V tile in shared memory then serves all G heads.
+//
+// Schedule (fwd, dq), built per block after the query tile is known:
+//   Schedule::Params, BwdParams   the forward's and the backward's parameter structs.
+//   Schedule(p, qt, scratch, own, warp, lane)  may use `scratch` (the K/V stages, free until the first
+//                              load) and Schedule::kSmemBytes of its own after the kernel's tiles; it
+//                              must be called by every thread (it may synchronise the block).
+//   steps()                    number of kBlockN-key tiles visited; at(step) -> Step{key0, key_limit}:
+//                              the tile's first key and the key rows it may read (loads zero-fill the rest).
+//   warp_active(step)          false when none of the warp's rows sees the tile (warp-uniform): skip it.
+//   needs_mask(step), visible(step, h, key): whether key is visible to this thread's row half h.
+// KeyBlock (dkv): see dkv_kernel.
+// c10 headers only, not ATen: the per-head-dim files then compile in a fraction of the time.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/attention_params.h"
+#include "cuda/tile/device_utils.h"
+#include "cuda/tile/traits.h"
+
+namespace nsa {
+namespace tiled {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// One tile of stacked query rows of one sequence and kv head.
+struct QueryTile {
+  SeqSpan span;
+  int64_t group;
+  int64_t kv_head;
+  int64_t row_begin;  // stacked rows [row_begin, row_end), row_end clamped to the sequence
+  int64_t row_end;
+};
+
+// blockIdx.x = sequence * tiles_per_seq + tile; tiles run in reverse so that the tiles with the most
+// keys (late queries) start first. blockIdx.y = kv head.
+template <typename Params>
+__device__ __forceinline__ QueryTile query_tile(const Params& p, int64_t rows_per_tile) {
+  QueryTile qt;
+  qt.group = p.num_heads_q / p.num_heads_k;
+  const int64_t tiles_per_seq = (p.max_seqlen_q * qt.group + rows_per_tile - 1) / rows_per_tile;
+  const int64_t seq = blockIdx.x / tiles_per_seq;
+  const int64_t tile = tiles_per_seq - 1 - blockIdx.x % tiles_per_seq;
+  qt.kv_head = blockIdx.y;
+  qt.span = seq_span(p, seq);
+  const int64_t rows = qt.span.q_len * qt.group;
+  qt.row_begin = tile * rows_per_tile;
+  qt.row_end = qt.row_begin + rows_per_tile < rows ? qt.row_begin + rows_per_tile : rows;
+  return qt;
+}
+
+// Element offset of (query row `row` of the sequence, head) in a [.., Hq, D] tensor or [.., Hq] (lse).
+__device__ __forceinline__ int64_t query_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t head) {
+  return st.offset(s.batch, s.q_row_begin + row, head);
+}
+
+// Element offset of stacked row `row` in a [.., Hq, D] tensor (q, o, dout, dq) or [.., Hq] (lse).
+__device__ __forceinline__ int64_t stacked_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t group,
+                                                  int64_t kv_head) {
+  return query_offset(st, s, row / group, kv_head * group + row % group);
+}
+
+__device__ __forceinline__ int64_t key_offset(const Strides& st, const SeqSpan& s, int64_t key, int64_t kv_head) {
+  return st.offset(s.batch, s.k_row_begin + key, kv_head);
+}
+
+// [kRows, kDim] tile of stacked query rows [row0, row0 + kRows) of a [.., Hq, D] tensor (q, dout) into
+// shared memory; rows at or past row_end are zero-filled.
+template <int kRows, int kDim, int kStride, int kThreads, typename Element>
+__device__ __forceinline__ void load_stacked_rows(Element* smem, const void* base, const Strides& st,
+                                                  const SeqSpan& s, int64_t row0, int64_t row_end, int64_t group,
+                                                  int64_t kv_head) {
+  const Element* t = static_cast<const Element*>(base);
+  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
+    return row0 + r < row_end ? t + stacked_offset(st, s, row0 + r, group, kv_head) : nullptr;
+  });
+}
+
+// [kRows, kDim] tile of key rows [key0, key0 + kRows) of a [.., Hk, D] tensor (k, v); rows at or past
+// key_limit (at most the sequence's key rows) are zero-filled and never read.
+template <int kRows, int kDim, int kStride, int kThreads, typename Element>
+__device__ __forceinline__ void load_key_rows(Element* smem, const void* base, const Strides& st, const SeqSpan& s,
+                                              int64_t key0, int64_t key_limit, int64_t kv_head) {
+  const Element* t = static_cast<const Element*>(base);
+  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
+    return key0 + r < key_limit ? t + key_offset(st, s, key0 + r, kv_head) : nullptr;
+  });
+}
+
+// The kBlockN-key tile starting at key0 of K and V into pipeline stage `stage` (forward and dq kernels).
+template <typename Kt>
+__device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename Kt::Element* sV,
+                                              const AttentionParams& p, const SeqSpan& s, int64_t kv_head,
+                                              int64_t key0, int64_t key_limit, int stage) {
+  constexpr int kN = Kt::kBlockN;
+  load_key_rows<kN, Kt::kHeadDimQK, Kt::kStrideQK, Kt::kThreads>(sK + stage * kN * Kt::kStrideQK, p.k,
+                                                                    p.k_strides, s, key0, key_limit, kv_head);
+  load_key_rows<kN, Kt::kHeadDimV, Kt::kStrideV, Kt::kThreads>(sV + stage * kN * Kt::kStrideV, p.v, p.v_strides,
+                                                                  s, key0, key_limit, kv_head);
+}
+
+// Double buffering: starts loading step + 1 into the other stage (when there is one), waits for this
+// step's tiles and synchronises the block. The stage it overwrites was released by the barrier that
+// ended the previous iteration.
+template <typename LoadStep>
+__device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, int stage, LoadStep&& load_step) {
+  if (step + 1 < steps) {
+    load_step(step + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
+// Applies the schedule's mask to a 16 x kN accumulator tile: masked elements become `masked`.
+template <int kN, typename Schedule, typename Step>
+__device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedule& sched, const Step& at, int t,
+                                           float masked) {
+  if (!sched.needs_mask(at)) return;
+  const int key0 = static_cast<int>(at.key0);
+#pragma unroll
+  for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (!sched.visible(at, i >> 1, key0 + nb * 8 + 2 * t + (i & 1))) acc[nb][i] = masked;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
+
+// One online-softmax step on a warp's 16 x kN scores in log2 units (masked ones -inf): sc becomes P
+// (unnormalised), the running max / sum and the output accumulators are rescaled. Per accumulator row
+// half (c0 c1: row g, c2 c3: row g + 8).
+template <int kN, int kDv>
+__device__ __forceinline__ void online_softmax(float (&sc)[kN / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&acc_o)[kDv / 8][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = row_max[h];
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[nb][2 * h], sc[nb][2 * h + 1]));
+    mx = quad_max(mx);
+    // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float rescale = fast_exp2(row_max[h] - base);
+    row_max[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < kN / 8; ++nb) {
+      sc[nb][2 * h] = fast_exp2(sc[nb][2 * h] - base);
+      sc[nb][2 * h + 1] = fast_exp2(sc[nb][2 * h + 1] - base);
+      sum += sc[nb][2 * h] + sc[nb][2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * rescale + sum;
+#pragma unroll
+    for (int nb = 0; nb < kDv / 8; ++nb) {
+      acc_o[nb][2 * h] *= rescale;
+      acc_o[nb][2 * h + 1] *= rescale;
+    }
+  }
+}
+
+template <typename Kt, typename Schedule>
+__global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedule::Params p) {
+  using Element = typename Kt::Element;
+  constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
+  Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
+  Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
+
+  const QueryTile qt = query_tile(p, Schedule::tile_rows(p, kM));
+  if (qt.row_begin >= qt.row_end) return;
+  const SeqSpan& s = qt.span;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = mma::thread_in_group(lane);
+  const Schedule sched(p, qt, sK, smem_raw + Kt::kFwdSmem, warp, lane);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;  // scores kept in log2 units
+
+  float acc_o[kDv / 8][4];  // O: [16 x kDv] per warp
+  zero(acc_o);
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; the quad is summed at the end
+
+  const int64_t steps = sched.steps();
+  if (steps > 0) {
+    auto load_step = [&](int64_t step, int stage) {
+      const auto at = sched.at(step);
+      load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+    };
+    load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end,
+                                                         qt.group, qt.kv_head);
+    load_step(0, 0);
+    cp_async_commit();
+
+    for (int64_t step = 0; step < steps; ++step) {
+      const int stage = static_cast<int>(step & 1);
+      advance_pipeline(step, steps, stage, load_step);
+
+      const auto at = sched.at(step);
+      if (sched.warp_active(at)) {
+        float sc[kN / 8][4];  // S = Q K^T: [16 x kN] per warp, then P
+        zero(sc);
+        gemm_ss<Element, kN, kDqk>(sc, sQ + warp * 16 * kSqk, kSqk, sK + stage * kN * kSqk, kSqk, lane);
+#pragma unroll
+        for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sc[nb][i] *= scale_log2;
+        }
+        apply_mask<kN>(sc, sched, at, t, -INFINITY);
+        online_softmax<kN, kDv>(sc, row_max, row_sum, acc_o);
+        uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN]
+        accumulators_to_a<Element, kN>(pa, sc);
+        gemm_rs<Element, kDv, kN>(acc_o, pa, sV + stage * kN * kSv, kSv, lane);  // O += P V
+      }
+      __syncthreads();
+    }
+  }
+
+  float inv_sum[2], lse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float total = quad_sum(row_sum[h]);
+    const bool seen = total > 0.f;  // a row that sees no key: out 0, lse -inf
+    inv_sum[h] = seen ? 1.f / total : 0.f;
+    lse[h] = seen ? (row_max[h] + log2f(total)) * kLn2 : -INFINITY;
+  }
+  Element* o = static_cast<Element*>(p.o);
+  store_rows<Element, kDv>(acc_o, inv_sum[0], inv_sum[1], lane, [&](int r) -> Element* {
+    const int64_t row = qt.row_begin + warp * 16 + r;
+    return row < qt.row_end ? o + stacked_offset(p.o_strides, s, row, qt.group, qt.kv_head) : nullptr;
+  });
+  if (t == 0) {
+    const int g = mma::group_id(lane);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = qt.row_begin + warp * 16 + g + 8 * h;
+      if (row < qt.row_end)
+        static_cast<float*>(p.lse)[stacked_offset(p.lse_strides, s, row, qt.group, qt.kv_head)] = lse[h];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kDeltaWarps = 4;
+
+// delta = rowsum(dO * O) - dlse, one warp per (query row, head); blockIdx.y = query head.
+template <typename Element>
+__global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttentionBwdParams p) {
+  const int64_t blocks_per_seq = (p.max_seqlen_q + kDeltaWarps - 1) / kDeltaWarps;
+  const int64_t seq = blockIdx.x / blocks_per_seq;
+  const int64_t row = (blockIdx.x % blocks_per_seq) * kDeltaWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const SeqSpan s = seq_span(p, seq);
+  if (row >= s.q_len) return;
+  const int64_t head = blockIdx.y, r = s.q_row_begin + row;
+  const Element* dout = static_cast<const Element*>(p.dout) + p.dout_strides.offset(s.batch, r, head);
+  const Element* out = static_cast<const Element*>(p.o) + p.o_strides.offset(s.batch, r, head);
+  float sum = 0.f;
+  for (int64_t d = lane; d < p.head_dim_v; d += 32) sum += to_float(dout[d]) * to_float(out[d]);
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) {
+    const float dlse = p.dlse ? static_cast<const float*>(p.dlse)[p.dlse_strides.offset(s.batch, r, head)] : 0.f;
+    p.softmax_delta[p.lse_strides.offset(s.batch, r, head)] = sum - dlse;
+  }
+}
+
+// lse in log2 units for P = exp2(s * scale_log2 - lse_log2); +inf for rows that saw nothing (lse
+// = -inf) and rows past the sequence, which makes their P exactly 0 in every tile.
+__device__ __forceinline__ float lse_log2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+template <typename Kt, typename Schedule>
+__global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedule::BwdParams p) {
+  using Element = typename Kt::Element;
+  constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
+  Element* sdO = sQ + kM * kSqk;                         // [kM][kSv]
+  Element* sK = sdO + kM * kSv;                          // [2 stages][kN][kSqk]
+  Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
+
+  const QueryTile qt = query_tile(p, Schedule::tile_rows(p, kM));
+  if (qt.row_begin >= qt.row_end) return;
+  const SeqSpan& s = qt.span;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
+  const Schedule sched(p, qt, sK, smem_raw + Kt::kDqSmem, warp, lane);
+  const int64_t steps = sched.steps();
+  // dq is zero-filled by the host: tiles without keys have nothing to add.
+  if (steps == 0) return;
+
+  float my_lse[2], my_delta[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = qt.row_begin + warp * 16 + g + 8 * h;
+    const bool valid = row < qt.row_end;
+    const int64_t off = valid ? stacked_offset(p.lse_strides, s, row, qt.group, qt.kv_head) : 0;
+    my_lse[h] = valid ? lse_log2_of(static_cast<const float*>(p.lse)[off]) : INFINITY;
+    my_delta[h] = valid ? p.softmax_delta[off] : 0.f;
+  }
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  auto load_step = [&](int64_t step, int stage) {
+    const auto at = sched.at(step);
+    load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+  };
+
+  load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group,
+                                                       qt.kv_head);
+  load_stacked_rows<kM, kDv, kSv, kThreads, Element>(sdO, p.dout, p.dout_strides, s, qt.row_begin, qt.row_end,
+                                                     qt.group, qt.kv_head);
+  load_step(0, 0);
+  cp_async_commit();
+
+  float acc_dq[kDqk / 8][4];  // dQ / scale: [16 x kDqk] per warp
+  zero(acc_dq);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = static_cast<int>(step & 1);
+    advance_pipeline(step, steps, stage, load_step);
+    const auto at = sched.at(step);
+    if (sched.warp_active(at)) {
+      const Element* k_tile = sK + stage * kN * kSqk;
+      float pr[kN / 8][4];  // S = Q K^T, then P = exp(scale S - lse): [16 x kN]
+      zero(pr);
+      gemm_ss<Element, kN, kDqk>(pr, sQ + warp * 16 * kSqk, kSqk, k_tile, kSqk, lane);
+      float ds[kN / 8][4];  // dP = dO V^T, then dS = P (dP - delta): [16 x kN]
+      zero(ds);
+      gemm_ss<Element, kN, kDv>(ds, sdO + warp * 16 * kSv, kSv, sV + stage * kN * kSv, kSv, lane);
+#pragma unroll
+      for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pr[nb][i] = fast_exp2(fmaf(pr[nb][i], scale_log2, -my_lse[i >> 1]));
+      }
+      apply_mask<kN>(pr, sched, at, t, 0.f);
+#pragma unroll
+      for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ds[nb][i] = pr[nb][i] * (ds[nb][i] - my_delta[i >> 1]);
+      }
+      uint32_t da[kN / 16][4];
+      accumulators_to_a<Element, kN>(da, ds);
+      gemm_rs<Element, kDqk, kN>(acc_dq, da, k_tile, kSqk, lane);  // dQ += dS K
+    }
+    __syncthreads();
+  }
+
+  Element* dq = static_cast<Element*>(p.dq);
+  const float scale = static_cast<float>(p.scale);
+  store_rows<Element, kDqk>(acc_dq, scale, scale, lane, [&](int r) -> Element* {
+    const int64_t row = qt.row_begin + warp * 16 + r;
+    return row < qt.row_end ? dq + stacked_offset(p.dq_strides, s, row, qt.group, qt.kv_head) : nullptr;
+  });
+}
+
+// KeyBlock (dkv), built per block from blockIdx.x / blockIdx.y:
+//   span, kv_head, key0, key_limit  the block's keys [key0, min(key0 + kRows, key_limit)); nothing to do
+//                              when key0 >= key_limit.
+//   rows                       the query rows it serves, numbered [0, rows): a stacked row of the
+//                              sequence (dense) or of the block's reverse-index list (selection).
+//   query(row)                 {query row of the sequence, query head}, for row < rows.
+//   keys_of(query)             keys [begin, end) that query sees (the mask of boundary tiles).
+//   boundary(r0, r1)           whether query rows [r0, r1) need the mask at all.
+//   warp_active(warp)          false when the warp's 16 keys all lie past the block's keys (warp-uniform).
+struct QueryHead {
+  int64_t query;
+  int64_t head;
+};
+
+template <typename Kt, typename KeyBlock>
+__global__ void __launch_bounds__(Kt::kThreads) dkv_kernel(const typename KeyBlock::Params p) {
+  using Element = typename Kt::Element;
+  constexpr int kN = Kt::kRows, kM = Kt::kBlockM, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
+  constexpr int kSliceQK = Kt::kSliceQK, kSliceV = Kt::kSliceV;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* sK = reinterpret_cast<Element*>(smem_raw);  // [kN][kSqk]
+  Element* sV = sK + kN * kSqk;                          // [kN][kSv]
+  Element* sQ = sV + kN * kSv;                           // [2 stages][kM][kSqk]
+  Element* sdO = sQ + 2 * kM * kSqk;                     // [2 stages][kM][kSv]
+  float* s_lse = reinterpret_cast<float*>(sdO + 2 * kM * kSv);  // [2 stages][kM], log2 units
+  float* s_delta = s_lse + 2 * kM;                              // [2 stages][kM]
+  int* s_key_begin = reinterpret_cast<int*>(s_delta + 2 * kM);  // [2 stages][kM]
+  int* s_key_end = s_key_begin + 2 * kM;                        // [2 stages][kM]
+
+  const KeyBlock kb(p, kN);
+  // dk / dv are zero-filled by the host: keys no query sees are done.
+  if (kb.key0 >= kb.key_limit || kb.rows <= 0) return;
+  const SeqSpan& s = kb.span;
+  const int64_t key0 = kb.key0, kv_head = kb.kv_head;
+  const int num_tiles = static_cast<int>((kb.rows + kM - 1) / kM);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const bool warp_active = kb.warp_active(warp);
+
+  load_key_rows<kN, kDqk, kSqk, kThreads, Element>(sK, p.k, p.k_strides, s, key0, kb.key_limit, kv_head);
+  load_key_rows<kN, kDv, kSv, kThreads, Element>(sV, p.v, p.v_strides, s, key0, kb.key_limit, kv_head);
+  // Query rows [r0, r0 + kM) into `stage`: Q and dO by cp.async, per-row lse / delta / key range by
+  // plain stores (read only after the barrier that follows the matching cp.async wait).
+  auto load_queries = [&](int64_t r0, int stage) {
+    const Element* q = static_cast<const Element*>(p.q);
+    const Element* dout = static_cast<const Element*>(p.dout);
+    load_tile_async<kM, kDqk, kSqk, kThreads>(sQ + stage * kM * kSqk, q, [&](int r) -> const Element* {
+      if (r0 + r >= kb.rows) return nullptr;
+      const QueryHead qh = kb.query(r0 + r);
+      return q + query_offset(p.q_strides, s, qh.query, qh.head);
+    });
+    load_tile_async<kM, kDv, kSv, kThreads>(sdO + stage * kM * kSv, dout, [&](int r) -> const Element* {
+      if (r0 + r >= kb.rows) return nullptr;
+      const QueryHead qh = kb.query(r0 + r);
+      return dout + query_offset(p.dout_strides, s, qh.query, qh.head);
+    });
+    for (int r = threadIdx.x; r < kM; r += kThreads) {
+      float lse = INFINITY, delta = 0.f;
+      KeyRange keys{0, 0};
+      if (r0 + r < kb.rows) {
+        const QueryHead qh = kb.query(r0 + r);
+        const int64_t off = query_offset(p.lse_strides, s, qh.query, qh.head);
+        lse = lse_log2_of(static_cast<const float*>(p.lse)[off]);
+        delta = p.softmax_delta[off];
+        keys = kb.keys_of(qh.query);
+      }
+      s_lse[stage * kM + r] = lse;
+      s_delta[stage * kM + r] = delta;
+      s_key_begin[stage * kM + r] = static_cast<int>(keys.begin);
+      s_key_end[stage * kM + r] = static_cast<int>(keys.end);
+    }
+  };
+  load_queries(0, 0);
+  cp_async_commit();
+
+  float acc_dk[kSliceQK / 8][4];  // dK / scale, columns [slice * kSliceQK, +kSliceQK): [16 x kSliceQK]
+  float acc_dv[kSliceV / 8][4];   // dV, columns [slice * kSliceV, +kSliceV): [16 x kSliceV]
+  zero(acc_dk);
+  zero(acc_dv);
+  const int slice = blockIdx.z;
+  const int my_key[2] = {static_cast<int>(key0) + warp * 16 + g, static_cast<int>(key0) + warp * 16 + g + 8};
+
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it & 1;
+    const int64_t r0 = static_cast<int64_t>(it) * kM;
+    advance_pipeline(it, num_tiles, stage, [&](int64_t next, int next_stage) { load_queries(next * kM, next_stage); });
+    if (warp_active) {
+      const Element* q_tile = sQ + stage * kM * kSqk;
+      const Element* do_tile = sdO + stage * kM * kSv;
+      const float* lse = s_lse + stage * kM;
+      const float* delta = s_delta + stage * kM;
+      const int* kbeg = s_key_begin + stage * kM;
+      const int* kend = s_key_end + stage * kM;
+      const bool boundary = kb.boundary(r0, r0 + kM < kb.rows ? r0 + kM : kb.rows);
+
+      float pt[kM / 8][4];  // S^T = K Q^T, then P^T: [16 keys x kM queries] per warp
+      zero(pt);
+      gemm_ss<Element, kM, kDqk>(pt, sK + warp * 16 * kSqk, kSqk, q_tile, kSqk, lane);
+#pragma unroll
+      for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int col = nb * 8 + 2 * t + (i & 1);  // query row within the tile
+          float prob = fast_exp2(fmaf(pt[nb][i], scale_log2, -lse[col]));
+          if (boundary) {
+            const int key = my_key[i >> 1];
+            if (key < kbeg[col] || key >= kend[col]) prob = 0.f;
+          }
+          pt[nb][i] = prob;
+        }
+      }
+      uint32_t fa[kM / 16][4];
+      accumulators_to_a<Element, kM>(fa, pt);
+      gemm_rs<Element, kSliceV, kM>(acc_dv, fa, do_tile + slice * kSliceV, kSv, lane);  // dV += P^T dO
+
+      float ds[kM / 8][4];  // dP^T = V dO^T, then dS^T = P^T (dP^T - delta): [16 keys x kM queries]
+      zero(ds);
+      gemm_ss<Element, kM, kDv>(ds, sV + warp * 16 * kSv, kSv, do_tile, kSv, lane);
+#pragma unroll
+      for (int nb = 0; nb < kM / 8; ++nb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ds[nb][i] = pt[nb][i] * (ds[nb][i] - delta[nb * 8 + 2 * t + (i & 1)]);
+      }
+      accumulators_to_a<Element, kM>(fa, ds);
+      gemm_rs<Element, kSliceQK, kM>(acc_dk, fa, q_tile + slice * kSliceQK, kSqk, lane);  // dK += dS^T Q
+    }
+    __syncthreads();
+  }
+
+  Element* dk = static_cast<Element*>(p.dk);
+  Element* dv = static_cast<Element*>(p.dv);
+  const int64_t key_end = key0 + kN < kb.key_limit ? key0 + kN : kb.key_limit;
+  store_rows<Element, kSliceQK>(acc_dk, static_cast<float>(p.scale), static_cast<float>(p.scale), lane,
+                                [&](int r) -> Element* {
+                                  const int64_t key = key0 + warp * 16 + r;
+                                  return key < key_end ? dk + key_offset(p.dk_strides, s, key, kv_head) +
+                                                             slice * kSliceQK
+                                                       : nullptr;
+                                });
+  store_rows<Element, kSliceV>(acc_dv, 1.f, 1.f, lane, [&](int r) -> Element* {
+    const int64_t key = key0 + warp * 16 + r;
+    return key < key_end ? dv + key_offset(p.dv_strides, s, key, kv_head) + slice * kSliceV : nullptr;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launch helpers
+// ---------------------------------------------------------------------------------------------------
+
+inline dim3 checked_grid(int64_t x, int64_t y, int64_t z = 1) {
+  TORCH_CHECK(x < (int64_t(1) << 31) && y < 65536 && z < 65536, "nsa: problem too large for one launch (grid ", x,
+              " x ", y, " x ", z, ")");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
+}
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, const Params& p) {
+  if (grid.x == 0 || grid.y == 0) return;
+  if (smem > 48 * 1024) {
+    // Above 48 KB dynamic shared memory must be opted into, per kernel (cheap; also inside graph capture).
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The delta kernel every backward starts with (p.softmax_delta must be set).
+template <typename Element>
+void launch_delta(const AttentionBwdParams& p) {
+  const int64_t blocks = (p.max_seqlen_q + kDeltaWarps - 1) / kDeltaWarps;
+  launch(delta_kernel<Element>, checked_grid(p.num_seqs * blocks, p.num_heads_q), kDeltaWarps * 32, 0, p);
+}
+
+}  // namespace tiled
+}  // namespace nsa
