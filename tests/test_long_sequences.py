@@ -6,7 +6,8 @@ keys of sliding_window_attention (forward and backward), the compressed tokens o
 and select_blocks (l = d = 1: one token per key); the same buffer viewed as q [525,313, 64, 64] of
 selection_attention (forward; its backward keeps fp32 copies of every input, 8 GiB more). Only a few
 queries at the far end of each sequence do work, and their rows are checked against the reference on
-the slice of keys they can see. Peak memory ~8.1 GiB (the buffer and the backward's dk).
+the slice of keys they can see. Peak resident memory 8.8 GiB (the buffer and the backward's dk,
+measured). About 1 to 2.5 minutes on 2 cores.
 
 Queries see only the last SLICE keys of the long sequence: the window and the selected blocks lie
 there, and for the compressed branch every earlier key is (-3e4, 0, ..) against q's first feature 1,
