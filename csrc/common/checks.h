@@ -3,6 +3,8 @@
 // what was expected, raised before any kernel runs.
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -44,6 +46,11 @@ inline int64_t check_cu_seqlens(const at::Tensor& cu, const char* name, const at
   NSA_CHECK_ARG(cu.device() == device, name, "must be on ", device, " like q, got ", cu.device());
   NSA_CHECK_ARG(cu.is_contiguous(), name, "must be contiguous");
   NSA_CHECK_ARG(max_seqlen >= 0, max_name, "must be >= 0, got ", max_seqlen);
+  // No sequence is longer than the packed rows (nor than int32, for keys no tensor holds): a larger
+  // bound only sizes the kernels' loops (max_seqlen_q = 2^40 looped over empty tiles for minutes).
+  const int64_t longest = std::min<int64_t>(total_rows, std::numeric_limits<int32_t>::max());
+  NSA_CHECK_ARG(max_seqlen <= longest, max_name, "must be <= ", longest, ", the most rows a sequence of ", name,
+                " can have, got ", max_seqlen);
   if (cu.is_cpu()) {
     const int32_t* p = cu.data_ptr<int32_t>();
     NSA_CHECK_ARG(p[0] == 0, name, "must start at 0, got ", p[0]);

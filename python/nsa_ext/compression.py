@@ -33,17 +33,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .seqlens import compressed_seqlens, num_compressed_tokens
+from .seqlens import check_compression, check_cu_seqlens, compressed_seqlens, num_compressed_tokens
 
 Tensor = torch.Tensor
-
-
-def _check_block(compress_block: int, compress_stride: int) -> None:
-    if compress_block < 1:
-        raise ValueError(f"nsa: argument 'compress_block' must be >= 1, got {compress_block}")
-    if compress_stride < 1 or compress_block % compress_stride:
-        raise ValueError(f"nsa: argument 'compress_stride' must be >= 1 and divide compress_block "
-                         f"({compress_block}), got {compress_stride}")
 
 
 def gather_blocks(k: Tensor, compress_block: int, compress_stride: int,
@@ -51,7 +43,7 @@ def gather_blocks(k: Tensor, compress_block: int, compress_stride: int,
     """The key blocks that compressed tokens summarise, as ``[B, TC, Hk, l, D]`` (padded ``k``) or
     ``[total_c, Hk, l, D]`` (packed ``k`` with ``cu_seqlens_k``). Padded: a view of k (``unfold``);
     packed: one index gather (reads cu_seqlens once to size the result)."""
-    _check_block(compress_block, compress_stride)
+    check_compression(compress_block, compress_stride)
     rank = 3 if cu_seqlens_k is not None else 4
     if k.dim() != rank:
         shape = "[total_k, Hk, D]" if rank == 3 else "[B, TK, Hk, D]"
@@ -61,9 +53,9 @@ def gather_blocks(k: Tensor, compress_block: int, compress_stride: int,
         if num_compressed_tokens(k_len, compress_block, compress_stride) == 0:
             return k.new_empty((batch, 0, heads, compress_block, dim))
         return k.unfold(1, compress_block, compress_stride).transpose(-1, -2)  # [B, TC, Hk, l, D]
-    if cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 1 or cu_seqlens_k.dtype != torch.int32:
-        raise ValueError(f"nsa: argument 'cu_seqlens_k' must be int32 [num_seqs + 1], got "
-                         f"{cu_seqlens_k.dtype} {tuple(cu_seqlens_k.shape)}")
+    # The gather reads cu_seqlens anyway; unchecked, a decreasing or negative entry gathers wrong rows
+    # (the rows it needs are checked against k below).
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
     cu_c = compressed_seqlens(cu_seqlens_k, compress_block, compress_stride).long()
     total = int(cu_c[-1])
     token = torch.arange(total, device=k.device)
@@ -82,7 +74,7 @@ class Compression(nn.Module):
     def __init__(self, compress_block: int, compress_stride: int, num_heads: Optional[int] = None,
                  head_dim: Optional[int] = None):
         super().__init__()
-        _check_block(compress_block, compress_stride)
+        check_compression(compress_block, compress_stride)
         self.compress_block = compress_block
         self.compress_stride = compress_stride
         self.num_heads = num_heads

@@ -13,18 +13,31 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import validate_config
+from .config import NSAConfig, validate_config
+from .seqlens import check_cu_seqlens
 
 Tensor = torch.Tensor
 
 
 def _default_scale(q: Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+    if scale is not None:
+        return float(scale)
+    # Dk = 0 (or a 0-d q) has no default scale: any value lets the op reject q with its own message.
+    return float(q.shape[-1]) ** -0.5 if q.dim() and q.shape[-1] else 1.0
 
 
-def _max_seqlen(given: Optional[int], cu_seqlens: Optional[Tensor], padded_len: int) -> int:
+def _op_int(name: str, value) -> int:
+    """int(value) for an op's int64 argument (past int64, torch's schema check would raise a
+    RuntimeError)."""
+    value = int(value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"nsa: argument '{name}' must fit in int64, got {value}")
+    return value
+
+
+def _max_seqlen(name: str, given: Optional[int], cu_seqlens: Optional[Tensor], padded_len: int) -> int:
     if given is not None:
-        return int(given)
+        return _op_int(name, given)
     if cu_seqlens is None:
         return padded_len
     if cu_seqlens.numel() < 2:
@@ -36,7 +49,8 @@ def _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Tu
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     padded_q = 0 if packed or q.dim() < 2 else q.shape[1]
     padded_k = 0 if packed or k.dim() < 2 else k.shape[1]
-    return (_max_seqlen(max_seqlen_q, cu_seqlens_q, padded_q), _max_seqlen(max_seqlen_k, cu_seqlens_k, padded_k))
+    return (_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, padded_q),
+            _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, padded_k))
 
 
 def sliding_window_attention(
@@ -60,7 +74,8 @@ def sliding_window_attention(
     """
     max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.sliding_window_attention_fwd(
-        q, k, v, int(window), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        q, k, v, _op_int("window", window), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k)
 
 
 def _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Tuple[int, int]:
@@ -68,8 +83,8 @@ def _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     lengths in cu_seqlens_k (packed)."""
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     padded_q = 0 if packed or q.dim() < 2 else q.shape[1]
-    max_q = _max_seqlen(max_seqlen_q, cu_seqlens_q, padded_q)
-    max_k = _max_seqlen(max_seqlen_k, cu_seqlens_k, padded_q)
+    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, padded_q)
+    max_k = _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, padded_q)
     return max_q, max_k
 
 
@@ -97,8 +112,8 @@ def compressed_attention(
     """
     max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.compressed_attention_fwd(
-        q, k_cmp, v_cmp, int(compress_block), int(compress_stride), _default_scale(q, scale), cu_seqlens_q,
-        cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        q, k_cmp, v_cmp, _op_int("compress_block", compress_block), _op_int("compress_stride", compress_stride),
+        _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def select_blocks(
@@ -136,9 +151,10 @@ def select_blocks(
     validate_config(compress_block, compress_stride, select_block, select_count, init_blocks, local_blocks)
     max_seqlen_q, max_seqlen_k = _compressed_seqlens_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.select_blocks(
-        q, k_cmp, lse, int(compress_block), int(compress_stride), int(select_block), int(select_count),
-        int(init_blocks), int(local_blocks), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k)
+        q, k_cmp, lse, _op_int("compress_block", compress_block), _op_int("compress_stride", compress_stride),
+        _op_int("select_block", select_block), _op_int("select_count", select_count),
+        _op_int("init_blocks", init_blocks), _op_int("local_blocks", local_blocks), _default_scale(q, scale),
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def native_sparse_attention(
@@ -164,13 +180,26 @@ def native_sparse_attention(
     """The NSA layer's attention (spec section 6): ``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa``.
 
     ``k``/``v`` are the selection branch's keys and values (and the window's unless ``k_swa``/
-    ``v_swa`` are given); ``k_cmp``/``v_cmp`` the compressed tokens of the compression branch's keys
+    ``v_swa``, of the same shapes, are given); ``k_cmp``/``v_cmp`` the compressed tokens of the compression branch's keys
     (see ``compressed_attention`` for their layout). Gates ``[.., Hq]`` (padded ``[B, TQ, Hq]``),
     typically sigmoids. The blocks of the selection branch come from ``select_blocks`` on the
     compressed branch's q, k_cmp and lse; selection is not differentiable, the three attentions are.
     ``config`` is an ``NSAConfig``. Returns ``out [.., Hq, Dv]`` (and the int32 block indices when
     ``return_indices``).
     """
+    if not isinstance(config, NSAConfig):
+        raise ValueError(f"nsa: argument 'config' must be an NSAConfig, got {type(config).__name__}")
+    for name, given, like in (("k_swa", k_swa, k), ("v_swa", v_swa, v)):
+        # The window's op would name its own argument, 'k' or 'v', for a bad k_swa or v_swa.
+        if given is not None and (not isinstance(given, Tensor) or given.shape != like.shape):
+            got = tuple(given.shape) if isinstance(given, Tensor) else repr(given)
+            raise ValueError(f"nsa: argument '{name}' must have the shape of {name[0]}, {tuple(like.shape)}, got {got}")
+    for name, gate in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        # Checked here: a gate of another shape would broadcast against o [.., Hq, Dv] silently.
+        if not isinstance(gate, Tensor) or gate.shape != q.shape[:-1] or gate.device != q.device:
+            got = f"{tuple(gate.shape)} on {gate.device}" if isinstance(gate, Tensor) else repr(gate)
+            raise ValueError(f"nsa: argument '{name}' must have q's shape without the head dim, "
+                             f"{tuple(q.shape[:-1])}, on {q.device}, got {got}")
     scale = _default_scale(q, scale)
     max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     seqlens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -249,7 +278,8 @@ def selection_attention(
     """
     max_seqlen_q, max_seqlen_k = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.nsa.selection_attention_fwd(
-        q, k, v, indices, int(select_block), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        q, k, v, indices, _op_int("select_block", select_block), _default_scale(q, scale), cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q,
         max_seqlen_k)
 
 
@@ -287,12 +317,17 @@ def validate_block_indices(
                              f"got {tuple(indices.shape)}")
     ids = indices.detach().cpu().long()
     if packed:
+        # Unchecked, bad offsets would be blamed on the ids (rows sliced short, negative positions).
+        check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", rows=ids.shape[0])
+        check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         if len(cq) != len(ck):
             raise ValueError("nsa: argument 'cu_seqlens_k' must have as many sequences as cu_seqlens_q")
         sequences = [(ids[cq[b]:cq[b + 1]], ck[b + 1] - ck[b]) for b in range(len(cq) - 1)]
     else:
         k_len = ids.shape[1] if max_seqlen_k is None else int(max_seqlen_k)
+        if k_len < 0:
+            raise ValueError(f"nsa: argument 'max_seqlen_k' must be >= 0, got {k_len}")
         sequences = [(ids[b], k_len) for b in range(ids.shape[0])]
     for b, (rows, k_len) in enumerate(sequences):
         _validate_sequence(b, rows, k_len, int(select_block))

@@ -9,7 +9,7 @@ from .cache import NSACache
 from .compression import make_compression
 from .config import NSAConfig
 from .functional import native_sparse_attention, native_sparse_attention_with_kvcache
-from .seqlens import num_compressed_tokens
+from .seqlens import check_cu_seqlens, num_compressed_tokens
 
 Tensor = torch.Tensor
 Rotary = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
@@ -79,6 +79,9 @@ class NativeSparseAttention(nn.Module):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"NativeSparseAttention: argument 'num_kv_heads' ({num_kv_heads}) must divide "
                              f"num_heads ({num_heads})")
+        if compression not in ("mean", "linear", "mlp"):  # else make_compression would name its 'kind'
+            raise ValueError(f"NativeSparseAttention: argument 'compression' must be 'mean', 'linear' or 'mlp', "
+                             f"got {compression!r}")
         self.config = NSAConfig() if config is None else config
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
@@ -133,6 +136,7 @@ class NativeSparseAttention(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                 cache: Optional[NSACache] = None) -> Tensor:
+        self._check_input(x, cu_seqlens)
         if cache is not None:
             return self._forward_cached(x, cu_seqlens, cache)
         if cu_seqlens is None:
@@ -153,6 +157,18 @@ class NativeSparseAttention(nn.Module):
             config=self.config, scale=self.scale, k_swa=keys[self._source("swa")],
             v_swa=values[self._source("swa")], **seqlens)
         return self.o_proj(out.flatten(-2))
+
+    def _check_input(self, x: Tensor, cu_seqlens: Optional[Tensor]) -> None:
+        """x [B, T, hidden] or, with cu_seqlens, [total, hidden]; the projections would otherwise fail
+        on a wrong hidden size without naming x, and a wrong rank would be blamed on the keys."""
+        rank, shape = (3, "[B, T, hidden]") if cu_seqlens is None else (2, "[total, hidden]")
+        if x.dim() != rank or x.shape[-1] != self.q_proj.in_features:
+            raise ValueError(f"NativeSparseAttention: argument 'x' must have shape {shape} with hidden = "
+                             f"{self.q_proj.in_features}, got {tuple(x.shape)}")
+        if cu_seqlens is not None:
+            # Values only where reading them is free: on the CPU, outside torch.compile.
+            check_cu_seqlens(cu_seqlens, "cu_seqlens", rows=x.shape[0], exact=True,
+                             values=cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling())
 
     def _forward_cached(self, x: Tensor, cu_seqlens: Optional[Tensor], cache: NSACache) -> Tensor:
         layer = cache.layer(id(self))

@@ -11,6 +11,17 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op, args) -> None:
+    """The kernels reject a tensor on another device than q (csrc/common/checks.h); so do the fake
+    implementations, which run instead of them as soon as one input is a meta tensor (a meta k with a
+    CPU q lands here) and under torch.compile."""
+    names = [a.name for a in op._schema.arguments]
+    device = args[names.index("q")].device
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise ValueError(f"nsa: argument '{name}' must be on {device} like q, got {value.device}")
+
+
 def _attention_outputs(q: torch.Tensor, v: torch.Tensor):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
@@ -24,14 +35,16 @@ def _register_attention(name: str, config_before_out: int = 0) -> None:
     ``config_before_out``, laid out as in csrc/registration.cpp: config holds the op's sizes, scale,
     cu_seqlens and max_seqlens (and any other non-differentiable tensors, such as selection_attention's
     indices, which its backward takes before out), passed through unchanged."""
-    bwd_op = getattr(torch.ops.nsa, f"{name}_bwd")
+    fwd_op, bwd_op = getattr(torch.ops.nsa, f"{name}_fwd"), getattr(torch.ops.nsa, f"{name}_bwd")
 
     @torch.library.register_fake(f"nsa::{name}_fwd")
     def _fwd_fake(q, k, v, *config):
+        _check_devices(fwd_op.default, (q, k, v, *config))
         return _attention_outputs(q, v)
 
     @torch.library.register_fake(f"nsa::{name}_bwd")
     def _bwd_fake(dout, dlse, q, k, v, *rest):
+        _check_devices(bwd_op.default, (dout, dlse, q, k, v, *rest))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
@@ -65,6 +78,9 @@ _register_attention("selection_attention", config_before_out=1)
 @torch.library.register_fake("nsa::select_blocks")
 def _select_blocks_fake(q, k_cmp, lse, compress_block, compress_stride, select_block, select_count, init_blocks,
                         local_blocks, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    _check_devices(torch.ops.nsa.select_blocks.default, (q, k_cmp, lse, compress_block, compress_stride, select_block,
+                                                         select_count, init_blocks, local_blocks, scale, cu_seqlens_q,
+                                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return q.new_empty((*q.shape[:-2], k_cmp.shape[-2], select_count), dtype=torch.int32)
 
 
