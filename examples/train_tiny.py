@@ -6,6 +6,9 @@ each followed by its value, which the model must predict. The queries sit furthe
 the sliding window reaches, so NSA can only answer through its compressed and selected branches.
 
     python examples/train_tiny.py [--steps 300] [--seqlen 256] [--plot curves.png]
+
+With the defaults NSA reaches recall accuracy 1.00 by step 200 while dense attention is still near
+chance at step 300 (docs/performance.md has both curves).
 """
 
 import argparse
