@@ -14,8 +14,11 @@ void select_blocks_cpu(const SelectParams& params, at::ScalarType dtype);
 void selection_attention_fwd_cpu(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype);
 void selection_attention_bwd_cpu(const AttentionBwdParams& params, const SelectedBlocks& selection,
                                  at::ScalarType dtype);
+struct DecodeParams;  // common/decode_params.h, kept out of the CUDA files' includes
+void decode_attention_cpu(const DecodeParams& params, at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA
+void decode_attention_cuda(const DecodeParams& params, at::ScalarType dtype);
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);
 #endif

@@ -52,6 +52,15 @@ TORCH_LIBRARY(nsa, m) {
       "selection_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor indices, "
       "Tensor out, Tensor lse, int select_block, float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Fused decoding (spec sections 2-7 for TQ new queries per sequence; forward only): q [B, TQ, Hq, Dk]
+  // over a padded cache k/v_cache [B, capacity, Hk, D] with cache_seqlens int32 [B] live keys (new
+  // ones included), compressed tokens k/v_cmp_cache [B, token_capacity, Hk, D], the window's own
+  // k/v_swa_cache or None (shared with k/v), gates [B, TQ, Hq, 3] (g_cmp, g_slc, g_swa). Returns the gated sum
+  // out [B, TQ, Hq, Dv] and the selected blocks int32 [B, TQ, Hk, select_count].
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_cmp_cache, Tensor v_cmp_cache, "
+      "Tensor? k_swa_cache, Tensor? v_swa_cache, Tensor gates, Tensor cache_seqlens, int compress_block, int compress_stride, int select_block, int select_count, "
+      "int init_blocks, int local_blocks, int window, float scale) -> (Tensor out, Tensor indices)");
 }
 
 namespace {

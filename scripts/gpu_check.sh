@@ -78,7 +78,7 @@ else
   # --- 2. tests ----------------------------------------------------------------------------------
   if [ "$has_gpu" = 1 ]; then
     step tests-cuda 240 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_build.py \
-      tests/test_fragment_layout.py
+      tests/test_fragment_layout.py tests/test_decode_attention.py
     step tests-all 200 "$python" -m pytest -q -rs tests
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"

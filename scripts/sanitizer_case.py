@@ -1,6 +1,7 @@
 """One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
 the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
-length-1 sequence, G = 3) and the baseline fp32 kernel."""
+length-1 sequence, G = 3), the baseline fp32 kernel, and the fused decoding kernel (ragged cache
+lengths, one shorter than a compressed token, TQ = 2)."""
 
 import torch
 
@@ -33,6 +34,13 @@ def main():
     out, lse = nsa_ext.compressed_attention(q, k, v, compress_block=32, compress_stride=16, cu_seqlens_q=cq,
                                             cu_seqlens_k=ck, max_seqlen_q=70, max_seqlen_k=200)
     (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    config = nsa_ext.NSAConfig(compress_block=16, compress_stride=8, select_block=32, select_count=4, window=40)
+    lengths = torch.tensor([300, 2, 77], dtype=torch.int32, device="cuda")
+    cache = lambda rows, dim: torch.randn(3, rows, 2, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q = torch.randn(3, 2, 6, 64, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(3, 2, 6, 3, device="cuda", dtype=torch.bfloat16)
+    nsa_ext.native_sparse_attention_with_kvcache(q, cache(310, 64), cache(310, 32), cache(40, 64), cache(40, 32), gates,
+                                                 lengths, config=config)
     torch.cuda.synchronize()
     print("sanitizer_case: done")
 

@@ -89,3 +89,13 @@ def test_tiled_kernels_do_not_spill(arch):
     for name, u in usage.items():
         assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} on sm_{arch} spills: {u}"
         assert u["REG"] <= 255, f"{name}: {u}"
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_decode_kernel_does_not_spill(arch):
+    """The fused decoding kernel (one instantiation per dtype) keeps everything in registers and
+    shared memory."""
+    usage = {n: u for n, u in _resource_usage(arch).items() if "13decode_kernel" in n}
+    assert len(usage) == 4, f"expected the decode kernel for 4 dtypes on sm_{arch}, got {sorted(usage)}"
+    for name, u in usage.items():
+        assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} on sm_{arch} spills: {u}"

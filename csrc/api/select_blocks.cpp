@@ -8,32 +8,13 @@
 #include <limits>
 #include <optional>
 
+#include "api/selection_config.h"
 #include "common/checks.h"
 #include "common/host_layout.h"
 #include "kernels.h"
 
 namespace nsa {
 namespace {
-
-// Spec, Notation: sizes positive, d divides l and l', n >= n_init + n_local, n_init, n_local >= 0.
-BlockSelection check_selection_config(int64_t compress_block, int64_t compress_stride, int64_t select_block,
-                                      int64_t select_count, int64_t init_blocks, int64_t local_blocks) {
-  NSA_CHECK_ARG(compress_block >= 1, "compress_block", "must be >= 1, got ", compress_block);
-  NSA_CHECK_ARG(compress_stride >= 1, "compress_stride", "must be >= 1, got ", compress_stride);
-  NSA_CHECK_ARG(select_block >= 1, "select_block", "must be >= 1, got ", select_block);
-  NSA_CHECK_ARG(select_count >= 1, "select_count", "must be >= 1, got ", select_count);
-  NSA_CHECK_ARG(init_blocks >= 0, "init_blocks", "must be >= 0, got ", init_blocks);
-  NSA_CHECK_ARG(local_blocks >= 0, "local_blocks", "must be >= 0, got ", local_blocks);
-  NSA_CHECK_ARG(compress_block % compress_stride == 0, "compress_stride", "must divide compress_block (",
-                compress_block, "), got ", compress_stride);
-  NSA_CHECK_ARG(select_block % compress_stride == 0, "compress_stride", "must divide select_block (", select_block,
-                "), got ", compress_stride);
-  NSA_CHECK_ARG(select_count >= init_blocks + local_blocks, "select_count", "must be >= init_blocks + local_blocks = ",
-                init_blocks + local_blocks, ", got ", select_count);
-  NSA_CHECK_ARG(select_count <= std::numeric_limits<int32_t>::max(), "select_count", "must fit in int32, got ",
-                select_count);
-  return {compress_block, compress_stride, select_block, select_count, init_blocks, local_blocks};
-}
 
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse, int64_t compress_block,
                          int64_t compress_stride, int64_t select_block, int64_t select_count, int64_t init_blocks,

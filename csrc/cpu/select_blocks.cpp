@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/selection.h"
+#include "cpu/block_pick.h"
 #include "cpu/tiles.h"
 #include "kernels.h"
 
@@ -31,45 +32,6 @@ namespace {
 
 constexpr int64_t kQueryTile = 64;   // query rows per head in one task
 constexpr int64_t kTokenTile = 128;  // compressed tokens per product
-
-template <typename acc_t>
-struct Candidate {
-  acc_t score;
-  int32_t block;
-};
-
-// Higher score first; equal scores go to the lower block id. Scores are never NaN here.
-template <typename acc_t>
-bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-  return a.score > b.score || (a.score == b.score && a.block < b.block);
-}
-
-// Writes the selection of the query at `position` from its block scores (candidates [0, cand)).
-template <typename acc_t>
-void pick_blocks(const BlockSelection& sel, int64_t position, int64_t num_blocks, const acc_t* scores,
-                 std::vector<Candidate<acc_t>>& free, std::vector<int32_t>& kept, int32_t* out) {
-  const int64_t cand = sel.candidates_end(position, num_blocks);
-  const int64_t own = cand > 0 ? sel.own_block(position) : 0;
-  kept.clear();
-  free.clear();
-  for (int64_t j = 0; j < cand; ++j) {
-    if (sel.forced_candidate(j, own)) {
-      kept.push_back(static_cast<int32_t>(j));
-    } else {
-      // Inputs with NaN/inf must not break the ordering: a NaN score ranks lowest.
-      const acc_t s = std::isnan(scores[j]) ? -std::numeric_limits<acc_t>::infinity() : scores[j];
-      free.push_back({s, static_cast<int32_t>(j)});
-    }
-  }
-  const int64_t slots = sel.select_count - static_cast<int64_t>(kept.size());  // >= 0: n >= n_init + n_local
-  const int64_t take = std::min<int64_t>(slots, static_cast<int64_t>(free.size()));
-  if (take > 0 && take < static_cast<int64_t>(free.size()))
-    std::nth_element(free.begin(), free.begin() + take, free.end(), better<acc_t>);
-  for (int64_t e = 0; e < take; ++e) kept.push_back(free[e].block);
-  std::sort(kept.begin(), kept.end());
-  for (int64_t e = 0; e < sel.select_count; ++e)
-    out[e] = e < static_cast<int64_t>(kept.size()) ? kept[e] : int32_t(-1);
-}
 
 // Overlap weights of tokens [key0, key0 + cols) with blocks [block0, block0 + width) (Eq. 9), as the
 // dense band matrix [cols, width] that turns token probabilities into block scores with one product.
@@ -146,11 +108,11 @@ void select_task(const SelectParams& p, int64_t b, int64_t head_k, int64_t q0) {
     }
   }
 
-  std::vector<Candidate<acc_t>> free;
+  std::vector<cpu::Candidate<acc_t>> free;
   std::vector<int32_t> kept;
   for (int64_t i = 0; i < rows; ++i) {
     int32_t* out = p.indices + p.index_strides.offset(s.batch, s.q_row_begin + q0 + i, head_k);
-    pick_blocks(sel, s.query_offset + q0 + i, num_blocks, block_buf.data.data() + i * width, free, kept, out);
+    cpu::pick_blocks(sel, s.query_offset + q0 + i, num_blocks, block_buf.data.data() + i * width, free, kept, out);
   }
 }
 

@@ -22,8 +22,9 @@ from . import reference  # noqa: E402,F401
 from . import compression  # noqa: E402,F401
 from .compression import LinearCompression, MeanCompression, MLPCompression, make_compression  # noqa: E402
 from .config import NSAConfig, validate_config  # noqa: E402
-from .functional import (compressed_attention, native_sparse_attention, select_blocks,  # noqa: E402
-                         selection_attention, sliding_window_attention, validate_block_indices)
+from .functional import (compressed_attention, native_sparse_attention,  # noqa: E402
+                         native_sparse_attention_with_kvcache, select_blocks, selection_attention,
+                         sliding_window_attention, validate_block_indices)
 from .cache import NSACache  # noqa: E402
 from .modules import NativeSparseAttention, RotaryEmbedding  # noqa: E402
 from .seqlens import compressed_seqlens  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "compression",
     "make_compression",
     "native_sparse_attention",
+    "native_sparse_attention_with_kvcache",
     "reference",
     "select_blocks",
     "selection_attention",

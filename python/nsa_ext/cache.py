@@ -7,8 +7,8 @@ different lengths (ragged batch); each forward appends any number of new tokens 
 (prefill, chunked prefill, one-token decoding, a few tokens for speculative decoding).
 
 Storage is padded per sequence (``[B, capacity, Hk, D]``, grown by doubling) with host-side lengths,
-so appending never synchronises with the device; the attention ops read a packed copy of the live
-rows.
+so appending never synchronises with the device; the attention ops read views of each sequence's
+live rows, never a copy of the cache.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -37,10 +37,6 @@ class _Rows:
 
     def rows(self, b: int, start: int = 0, end: Optional[int] = None) -> Tensor:
         return self.data[b, start:self.lengths[b] if end is None else end]
-
-    def packed(self) -> Tensor:
-        """All live rows, sequence after sequence: [sum(lengths), Hk, D]."""
-        return torch.cat([self.rows(b) for b in range(len(self.lengths))])
 
 
 class LayerCache:

@@ -8,11 +8,24 @@ from torch import nn
 from .cache import NSACache
 from .compression import make_compression
 from .config import NSAConfig
-from .functional import native_sparse_attention
+from .functional import native_sparse_attention, native_sparse_attention_with_kvcache
 from .seqlens import check_cu_seqlens, num_compressed_tokens
 
 Tensor = torch.Tensor
 Rotary = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+# New tokens per sequence up to which a cached forward takes the fused decoding op (decoding and
+# speculative decoding); longer chunks are prefill, where the tiled per-branch kernels do better.
+FUSED_DECODE_MAX_QUERIES = 16
+
+
+def _fused_decode(new_tokens, device: torch.device) -> bool:
+    """Whether a cached forward with these new-token counts runs the fused decoding op: inference
+    only (the op has no backward), the same count for every sequence, and a kernel for the device."""
+    return (not torch.is_grad_enabled() and len(set(new_tokens)) == 1 and 1 <= new_tokens[0] <= FUSED_DECODE_MAX_QUERIES
+            and torch._C._dispatch_has_kernel_for_dispatch_key("nsa::decode_attention",
+                                                               "CUDA" if device.type == "cuda" else "CPU"))
 
 
 class RotaryEmbedding(nn.Module):
@@ -105,7 +118,8 @@ class NativeSparseAttention(nn.Module):
         return "shared" if self.sources == ("shared",) else branch
 
     def _project(self, x: Tensor, positions: Tensor):
-        """q [.., Hq, Dk], keys/values per source [.., Hk, D] (rotary applied), gates [.., Hq] x 3."""
+        """q [.., Hq, Dk], keys/values per source [.., Hk, D] (rotary applied), gates [.., Hq, 3]
+        (g_cmp, g_slc, g_swa)."""
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         keys, values = {}, {}
@@ -117,7 +131,7 @@ class NativeSparseAttention(nn.Module):
             for s in self.sources:
                 rotated_q, keys[s] = self.rotary(q, keys[s], positions)
             q = rotated_q
-        gates = torch.sigmoid(self.gate_proj(x)).view(*lead, self.num_heads, 3).unbind(-1)
+        gates = torch.sigmoid(self.gate_proj(x)).view(*lead, self.num_heads, 3)
         return q, keys, values, gates
 
     def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
@@ -132,7 +146,8 @@ class NativeSparseAttention(nn.Module):
             lengths = cu_seqlens[1:].long() - starts
             positions = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(
                 starts, lengths, output_size=x.shape[0])
-        q, keys, values, (g_cmp, g_slc, g_swa) = self._project(x, positions)
+        q, keys, values, gates = self._project(x, positions)
+        g_cmp, g_slc, g_swa = gates.unbind(-1)
         k_cmp = self.compress_k(keys[self._source("cmp")], cu_seqlens)
         v_cmp = self.compress_v(values[self._source("cmp")], cu_seqlens)
         seqlens = dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
@@ -173,7 +188,7 @@ class NativeSparseAttention(nn.Module):
             rows = x
         total = [o + n for o, n in zip(old, new)]
         positions = torch.cat([torch.arange(o, t, device=x.device) for o, t in zip(old, total)])
-        q, keys, values, (g_cmp, g_slc, g_swa) = self._project(rows, positions)
+        q, keys, values, gates = self._project(rows, positions)
 
         cfg = self.config
         starts = [0]
@@ -192,15 +207,35 @@ class NativeSparseAttention(nn.Module):
             v_new = self.compress_v(cmp_values.rows(b, span.start, span.stop)[None])[0]
             layer.append_compressed(b, k_new, v_new)
 
-        def packed(source: str, which: int) -> Tensor:
-            return layer.sources[source][which].packed()
+        if _fused_decode(new, x.device):
+            # Decoding: one fused op over the padded cache for the whole batch (the same new-token
+            # count per sequence), reading only the compressed tokens, selected blocks and window.
+            tq = new[0]
+            swa = self._source("swa") != self._source("slc")
+            out = native_sparse_attention_with_kvcache(
+                q.view(batch, tq, *q.shape[1:]), layer.sources[self._source("slc")][0].data,
+                layer.sources[self._source("slc")][1].data, layer.compressed[0].data, layer.compressed[1].data,
+                gates.view(batch, tq, *gates.shape[1:]), torch.tensor(total, dtype=torch.int32, device=x.device),
+                config=cfg, scale=self.scale,
+                k_swa_cache=layer.sources[self._source("swa")][0].data if swa else None,
+                v_swa_cache=layer.sources[self._source("swa")][1].data if swa else None)
+            out = self.o_proj(out.flatten(-2))
+            return out if cu_seqlens is None else out.flatten(0, 1)
 
-        cu_q = torch.tensor(starts, dtype=torch.int32, device=x.device)
-        cu_k = torch.tensor([0] + torch.tensor(total).cumsum(0).tolist(), dtype=torch.int32, device=x.device)
-        out = native_sparse_attention(
-            q, packed(self._source("slc"), 0), packed(self._source("slc"), 1), layer.compressed[0].packed(),
-            layer.compressed[1].packed(), g_cmp, g_slc, g_swa, config=cfg, scale=self.scale,
-            k_swa=packed(self._source("swa"), 0), v_swa=packed(self._source("swa"), 1), cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k, max_seqlen_q=max(new), max_seqlen_k=max(total))
-        out = self.o_proj(out.flatten(-2))
+        # Prefill chunks, different counts per sequence, or gradients wanted: one differentiable call
+        # per sequence on views of its cached rows (padded layout, B = 1, queries bottom-right aligned),
+        # never a packed copy of the cache.
+        def rows(source: str, which: int, b: int) -> Tensor:
+            return layer.sources[source][which].rows(b)[None]
+
+        outputs = []
+        for b in range(batch):
+            new_rows = slice(starts[b], starts[b + 1])
+            outputs.append(native_sparse_attention(
+                q[new_rows][None], rows(self._source("slc"), 0, b), rows(self._source("slc"), 1, b),
+                layer.compressed[0].rows(b)[None], layer.compressed[1].rows(b)[None],
+                *gates[new_rows][None].unbind(-1), config=cfg, scale=self.scale,
+                k_swa=rows(self._source("swa"), 0, b), v_swa=rows(self._source("swa"), 1, b),
+                max_seqlen_k=total[b])[0])
+        out = self.o_proj(torch.cat(outputs).flatten(-2))
         return out.view(batch, -1, out.shape[-1]) if cu_seqlens is None else out
