@@ -108,6 +108,16 @@ def nsa(**changes):
     return lambda: nsa_ext.native_sparse_attention(*tensors, **args)
 
 
+def decode(**changes):
+    """native_sparse_attention_with_kvcache: one new query per sequence, caches of 8 keys (3 tokens)."""
+    args = dict(q=Q[:, :1], k_cache=K, v_cache=V, k_cmp_cache=KC, v_cmp_cache=VC, gates=torch.rand(2, 1, 4, 3),
+                cache_seqlens=cu(8, 5), config=CONFIG)
+    args.update(changes)
+    tensors = [args.pop(n) for n in ("q", "k_cache", "v_cache", "k_cmp_cache", "v_cmp_cache", "gates",
+                                     "cache_seqlens")]
+    return lambda: nsa_ext.native_sparse_attention_with_kvcache(*tensors, **args)
+
+
 def layer(**kwargs):
     return NativeSparseAttention(32, num_heads=4, num_kv_heads=2, config=CONFIG, compression="mean", **kwargs)
 
@@ -207,6 +217,14 @@ CASES = {
     "nsa g_slc on meta": (nsa(g_slc=GATES[1].to("meta")), ValueError, "g_slc"),
     "nsa k_swa head dim differs": (nsa(k_swa=K[..., :8]), ValueError, "k_swa"),
     "nsa k_cmp rank 3 in padded layout": (nsa(k_cmp=KC[0]), ValueError, "k_cmp"),
+    # native_sparse_attention_with_kvcache (the fused decoding op)
+    "decode config a dict": (decode(config={}), ValueError, "config"),
+    "decode cache_seqlens int64": (decode(cache_seqlens=cu(8, 5).long()), ValueError, "cache_seqlens"),
+    "decode cache_seqlens past the capacity": (decode(cache_seqlens=cu(9, 5)), ValueError, "cache_seqlens"),
+    "decode gates without the branch axis": (decode(gates=torch.rand(2, 1, 4)), ValueError, "gates"),
+    "decode gates on meta": (decode(gates=torch.rand(2, 1, 4, 3, device="meta")), ValueError, "gates"),
+    "decode k_cache on meta": (decode(k_cache=K.to("meta")), ValueError, "k_cache"),
+    "decode only k_swa_cache": (decode(k_swa_cache=K), ValueError, "v_swa_cache"),
     # NSAConfig, NativeSparseAttention, RotaryEmbedding, NSACache
     "NSAConfig window a string": (lambda: NSAConfig(window="512"), ValueError, "window"),
     "NSAConfig stride does not divide select_block": (lambda: NSAConfig(select_block=40), ValueError,
@@ -276,8 +294,9 @@ def child_results():
 def test_catalogue_is_large_and_covers_every_public_function():
     assert len(CASES) >= 40
     text = json.dumps([name for name in CASES])
-    for prefix in ("swa ", "swa_bwd", "cmp ", "select ", "selection ", "validate ", "nsa ", "NSAConfig", "layer ",
-                   "rotary", "cache ", "make_compression", "MLPCompression", "compression ", "compressed_seqlens"):
+    for prefix in ("swa ", "swa_bwd", "cmp ", "select ", "selection ", "validate ", "nsa ", "decode ", "NSAConfig",
+                   "layer ", "rotary", "cache ", "make_compression", "MLPCompression", "compression ",
+                   "compressed_seqlens"):
         assert f'"{prefix}' in text, prefix
 
 

@@ -40,6 +40,9 @@ SUBSET = [
     "tests/test_selection_attention.py::test_keys_past_the_end_of_a_partial_last_block_are_never_read",
     "tests/test_selection_attention.py::test_all_rows_empty",
     "tests/test_selection_attention.py::test_packed_rows_outside_every_sequence_are_defined",
+    "tests/test_decode_attention.py::test_matches_reference_fp64",
+    "tests/test_decode_attention.py::test_reads_no_cache_row_past_the_live_length",
+    "tests/test_decode_attention.py::test_bad_inputs_name_the_argument",
 ]
 
 REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "SUMMARY: UndefinedBehaviorSanitizer")

@@ -157,6 +157,11 @@ def select_blocks(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
+def _check_config(config) -> None:
+    if not isinstance(config, NSAConfig):
+        raise ValueError(f"nsa: argument 'config' must be an NSAConfig, got {type(config).__name__}")
+
+
 def native_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -180,15 +185,14 @@ def native_sparse_attention(
     """The NSA layer's attention (spec section 6): ``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa``.
 
     ``k``/``v`` are the selection branch's keys and values (and the window's unless ``k_swa``/
-    ``v_swa``, of the same shapes, are given); ``k_cmp``/``v_cmp`` the compressed tokens of the compression branch's keys
-    (see ``compressed_attention`` for their layout). Gates ``[.., Hq]`` (padded ``[B, TQ, Hq]``),
+    ``v_swa``, of the same shapes, are given); ``k_cmp``/``v_cmp`` the compressed tokens of the
+    compression branch's keys (see ``compressed_attention`` for their layout). Gates ``[.., Hq]`` (padded ``[B, TQ, Hq]``),
     typically sigmoids. The blocks of the selection branch come from ``select_blocks`` on the
     compressed branch's q, k_cmp and lse; selection is not differentiable, the three attentions are.
     ``config`` is an ``NSAConfig``. Returns ``out [.., Hq, Dv]`` (and the int32 block indices when
     ``return_indices``).
     """
-    if not isinstance(config, NSAConfig):
-        raise ValueError(f"nsa: argument 'config' must be an NSAConfig, got {type(config).__name__}")
+    _check_config(config)
     for name, given, like in (("k_swa", k_swa, k), ("v_swa", v_swa, v)):
         # The window's op would name its own argument, 'k' or 'v', for a bad k_swa or v_swa.
         if given is not None and (not isinstance(given, Tensor) or given.shape != like.shape):
@@ -245,6 +249,7 @@ def native_sparse_attention_with_kvcache(
     compressed tokens, the selected blocks and the window, never a copy of the cache. Not
     differentiable. Returns ``out [B, TQ, Hq, Dv]`` (and the int32 indices ``[B, TQ, Hk, n]``).
     """
+    _check_config(config)
     out, indices = torch.ops.nsa.decode_attention(
         q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_swa_cache, v_swa_cache, gates, cache_seqlens,
         int(config.compress_block), int(config.compress_stride), int(config.select_block), int(config.select_count),

@@ -90,6 +90,8 @@ def _select_blocks_fake(q, k_cmp, lse, compress_block, compress_stride, select_b
 def _decode_attention_fake(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_swa_cache, v_swa_cache, gates,
                            cache_seqlens, compress_block, compress_stride,
                            select_block, select_count, init_blocks, local_blocks, window, scale):
+    _check_devices(torch.ops.nsa.decode_attention.default,
+                   (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_swa_cache, v_swa_cache, gates, cache_seqlens))
     out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
     indices = q.new_empty((*q.shape[:2], k_cache.shape[2], select_count), dtype=torch.int32)
     return out, indices
