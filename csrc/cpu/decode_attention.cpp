@@ -34,7 +34,7 @@ struct DecodeTask {
   int64_t group, dk, dv;
   // Scratch reused by the thread's tasks: stacked queries (transposed, [Dk, G]), gathered key/value
   // rows, scores and outputs.
-  cpu::Scratch<acc_t> q_buf, k_buf, v_buf, scores_t_buf, score_buf, out_buf, block_buf;
+  cpu::Scratch<acc_t> q_buf, k_buf, v_buf, scores_t_buf, score_buf, out_buf, block_buf, gate_buf, acc_buf;
   std::vector<cpu::Candidate<acc_t>> free;
   std::vector<int32_t> kept;
   std::vector<KeyRange> ranges;  // key rows of the cache a branch reads: one per selected block or window
@@ -92,20 +92,21 @@ struct DecodeTask {
       const scalar_t* row = q_in + p.q_strides.offset(b, i, head_k * group + g);
       for (int64_t x = 0; x < dk; ++x) queries_t[x * group + g] = static_cast<acc_t>(row[x]) * acc_t(p.scale);
     }
-    std::vector<acc_t> gate(3 * group);
+    acc_t* gate = gate_buf.reserve(3 * group);
     const scalar_t* gate_in = static_cast<const scalar_t*>(p.gates);
     for (int64_t g = 0; g < group; ++g)
       for (int64_t branch = 0; branch < 3; ++branch)
         gate[branch * group + g] =
             static_cast<acc_t>(gate_in[p.gate_strides.offset(b, i, head_k * group + g) + branch]);
-    std::vector<acc_t> acc(group * dv, acc_t(0));
+    acc_t* acc = acc_buf.reserve(group * dv);
+    std::fill(acc, acc + group * dv, acc_t(0));
 
     // Compressed branch: tokens [0, visible) (i*d + l - 1 <= t).
     const int64_t visible = sel.visibility().keys_for(position, num_compressed_tokens(length, sel.compress_block,
                                                                                       sel.compress_stride)).end;
     ranges.assign(1, {0, visible});
     const int64_t tokens = gather(p.k_cmp, p.k_cmp_strides, p.v_cmp, p.v_cmp_strides, b, head_k);
-    attend(tokens, gate.data(), acc.data());
+    attend(tokens, gate, acc);
 
     // Block scores: the group's token probabilities spread over blocks by the overlap weights (Eq. 9).
     const int64_t num_blocks = num_select_blocks(length, sel.select_block);
@@ -129,12 +130,12 @@ struct DecodeTask {
       const int64_t begin = picked[e] * sel.select_block;
       ranges.push_back({begin, std::min(begin + sel.select_block, position + 1)});
     }
-    attend(gather(p.k, p.k_strides, p.v, p.v_strides, b, head_k), gate.data() + group, acc.data());
+    attend(gather(p.k, p.k_strides, p.v, p.v_strides, b, head_k), gate + group, acc);
 
     // Window branch: keys t - w < s <= t.
     ranges.assign(1, {std::max<int64_t>(0, position + 1 - p.window), position + 1});
-    attend(gather(p.k_swa, p.k_swa_strides, p.v_swa, p.v_swa_strides, b, head_k), gate.data() + 2 * group,
-           acc.data());
+    attend(gather(p.k_swa, p.k_swa_strides, p.v_swa, p.v_swa_strides, b, head_k), gate + 2 * group,
+           acc);
 
     scalar_t* out = static_cast<scalar_t*>(p.out);
     for (int64_t g = 0; g < group; ++g) {

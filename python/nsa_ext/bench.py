@@ -428,9 +428,7 @@ def dense_layer_baseline(case: Case, mode: str, sets: int, gen: torch.Generator)
 def sdpa_decode_baseline(case: Case, mode: str, sets: int, gen: torch.Generator) -> Step:
     input_sets = [case.qkv(gen, False, batch=case.decode_batch, queries=1) for _ in range(sets)]
     turn = itertools.cycle(input_sets)
-    return Step(lambda: _sdpa(*next(turn), causal=False),
-                read_bytes=(case.decode_batch * case.heads_k * case.seqlen * (case.head_dim + case.head_dim_v)
-                            * torch.finfo(case.dtype).bits / 8))
+    return Step(lambda: _sdpa(*next(turn), causal=False))
 
 
 def flex_available(device: str) -> bool:
