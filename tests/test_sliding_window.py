@@ -103,6 +103,25 @@ def test_low_precision_within_twice_torch_error(shape, dtype, device):
         assert_within_torch_error(results["ours"][i].cpu(), results["torch"][i], results["exact"][i], name=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [-8.0, 0.0, 8.0])
+def test_any_finite_scale_matches_reference(scale, device):
+    # The kernels find each row's max from the unscaled scores, which flips to the min for scale < 0;
+    # |scale| = 8 makes a wrong max overflow exp.
+    gen = torch.Generator().manual_seed(11)
+    exact = random_batch([150], [150], 8, 2, 16, 16, packed=False, generator=gen)
+    ref_in = exact.to(torch.float64, requires_grad=True)
+    out_ref, lse_ref = run_reference(ref_in, 40, scale)
+    cot = (torch.randn(out_ref.shape, dtype=torch.float64, generator=gen), finite_cotangent(lse_ref, gen))
+    expected = (out_ref, lse_ref, *grads((out_ref, lse_ref), (ref_in.q, ref_in.k, ref_in.v), cot))
+    ours_in = exact.to(torch.float32, device, requires_grad=True)
+    with poisoned_outputs():
+        out, lse = run(ours_in, 40, scale)
+        actual = (out, lse, *grads((out, lse), (ours_in.q, ours_in.k, ours_in.v), [c.to(device) for c in cot]))
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close_fp32(a.cpu(), e, rel=1e-5, name=name)
+
+
 def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(3)
     for packed in (False, True):

@@ -63,6 +63,14 @@ inline ColumnRange visible_columns(const AttentionParams& p, const SeqSpan& s, i
   return {std::clamp<int64_t>(keys.begin - key0, 0, cols), std::clamp<int64_t>(keys.end - key0, 0, cols)};
 }
 
+// max_j(row[j] * scale) over n >= 1 scores. Rounding is monotonic, so for scale >= 0 this is exactly
+// max(row) * scale, which the vector row_max finds; a negative scale flips it to the minimum.
+template <typename acc_t>
+acc_t scaled_max(const acc_t* row, int64_t n, acc_t scale) {
+  if (scale >= 0) return cpu::row_max(row, n) * scale;
+  return *std::min_element(row, row + n) * scale;
+}
+
 // Rows [lo, hi) of the tile's visible keys, for the rows of a stacked group tile (row = g*rows + i).
 // P[r, j] = exp(scale * S[r, j] - lse[r]) on visible columns, 0 elsewhere (also when lse is -inf).
 template <typename acc_t>
@@ -121,8 +129,7 @@ void forward_task(const AttentionParams& p, int64_t b, int64_t head_k, int64_t q
           std::fill(row, row + cols, acc_t(0));
           continue;
         }
-        acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = c.lo; j < c.hi; ++j) tile_max = std::max(tile_max, row[j] * acc_t(p.scale));
+        const acc_t tile_max = scaled_max(row + c.lo, c.hi - c.lo, acc_t(p.scale));
         const acc_t new_max = std::max(row_max[r], tile_max);
         const acc_t rescale = std::exp(row_max[r] - new_max);  // 0 when row_max is -inf
         const acc_t sum = cpu::exp_scaled_sum(row + c.lo, c.hi - c.lo, acc_t(p.scale), new_max);
@@ -188,8 +195,7 @@ struct GroupRows {
 // scores <- dS = P * (dP - delta), given P in `scores` and dP in `dprobs`.
 template <typename acc_t>
 void softmax_backward(acc_t* scores, const acc_t* dprobs, const std::vector<acc_t>& delta, int64_t m, int64_t cols) {
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < cols; ++j) scores[r * cols + j] *= dprobs[r * cols + j] - delta[r];
+  for (int64_t r = 0; r < m; ++r) cpu::softmax_grad(scores + r * cols, dprobs + r * cols, cols, delta[r]);
 }
 
 template <typename scalar_t, typename acc_t>
