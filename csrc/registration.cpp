@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/decode_split.h"
 #include "common/masks.h"
 #include "common/mma_layout.h"
 #include "common/selection.h"
@@ -176,4 +177,29 @@ PYBIND11_MODULE(_C, m) {
                                      num_keys);
       },
       "whether every query row of [first_row, last_row] sees all keys [key_begin, key_end)");
+  m.def(
+      "_decode_splits",
+      [](int64_t tasks, int64_t target_blocks, int64_t min_rows, int64_t token_rows, int64_t selected_rows,
+         int64_t window_rows) {
+        const nsa::DecodeSplits s =
+            nsa::plan_decode_splits(tasks, target_blocks, min_rows, token_rows, selected_rows, window_rows);
+        return std::make_tuple(s.compressed, s.selected, s.window);
+      },
+      "(compressed, selected, window) splits per task of the CUDA decoding kernels");
+  m.def(
+      "_even_split",
+      [](int64_t rows, int64_t splits, int64_t index) {
+        const nsa::KeyRange r = nsa::even_split(rows, splits, index);
+        return std::make_pair(r.begin, r.end);
+      },
+      "rows [begin, end) of split `index` of `splits` over `rows` rows");
+  m.def(
+      "_compressed_split",
+      [](int64_t tokens, int64_t splits, int64_t index, int64_t compress_block, int64_t compress_stride,
+         int64_t select_block) {
+        const nsa::BlockSelection sel{compress_block, compress_stride, select_block, 1, 0, 0};
+        const nsa::CompressedSplit s = nsa::compressed_split(sel, tokens, splits, index);
+        return std::make_tuple(s.block_begin, s.block_end, s.token_begin, s.token_end, s.scored_begin);
+      },
+      "(block_begin, block_end, token_begin, token_end, scored_begin) of a compressed split in CUDA decoding");
 }

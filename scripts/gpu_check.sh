@@ -79,7 +79,7 @@ else
   if [ "$has_gpu" = 1 ]; then
     step tests-cuda 360 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_selection.py \
       tests/test_cuda_select_blocks.py tests/test_cuda_build.py tests/test_fragment_layout.py \
-      tests/test_selection_index_math.py tests/test_decode_attention.py
+      tests/test_selection_index_math.py tests/test_decode_split_math.py tests/test_decode_attention.py
     step tests-all 200 "$python" -m pytest -q -rs tests
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"

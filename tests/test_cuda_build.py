@@ -110,10 +110,14 @@ def test_tiled_kernels_do_not_spill(arch):
 
 
 @pytest.mark.parametrize("arch", _archs())
-def test_decode_kernel_does_not_spill(arch):
-    """The fused decoding kernel (one instantiation per dtype) keeps everything in registers and
-    shared memory."""
-    usage = {n: u for n, u in _resource_usage(arch).items() if "13decode_kernel" in n}
-    assert len(usage) == 4, f"expected the decode kernel for 4 dtypes on sm_{arch}, got {sorted(usage)}"
-    for name, u in usage.items():
-        assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} on sm_{arch} spills: {u}"
+def test_decode_kernels_do_not_spill(arch):
+    """The four split decoding kernels (one instantiation per dtype; the selection kernel per
+    accumulation type) keep everything in registers and shared memory."""
+    stages = {"24decode_compressed_kernel": 4, "20decode_select_kernel": 2, "20decode_sparse_kernel": 4,
+              "21decode_combine_kernel": 4}
+    usage = _resource_usage(arch)
+    for stage, count in stages.items():
+        found = {n: u for n, u in usage.items() if stage in n}
+        assert len(found) == count, f"expected {count} instantiations of {stage} on sm_{arch}, got {sorted(found)}"
+        for name, u in found.items():
+            assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} on sm_{arch} spills: {u}"

@@ -231,6 +231,21 @@ def test_cuda_matches_cpu_fp64(cfg_name, hq, hk, dk, dv):
 
 
 @cuda
+@pytest.mark.parametrize("tq", [1, 4])
+def test_cuda_many_splits_match_cpu(tq):
+    # Paper blocks over long, ragged caches: several compressed, selected and window splits per task
+    # (at least 128 rows each), so blocks' tokens straddle chunks and splits, and empty splits occur.
+    cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_count=16, init_blocks=1,
+                    local_blocks=2, window=512)
+    c = make_cache([8192, 3001, 700, 20], tq, 8, 2, 64, 32, cfg, own_window=True, seed=21)
+    with poisoned_outputs():
+        out, indices = fused(_to(c, "cuda"), cfg)
+    expected, expected_indices = fused(c, cfg)
+    assert torch.equal(indices.cpu(), expected_indices)
+    assert_close_fp32(out.cpu(), expected, rel=1e-10, name="decode cuda fp64, many splits")
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_low_precision(dtype):
     cfg = CONFIGS["small"]

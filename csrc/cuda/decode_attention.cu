@@ -1,27 +1,31 @@
-// CUDA kernel of fused NSA decoding (the algorithm of cpu/decode_attention.cpp, which is its oracle).
-//
-// One thread block per (new query, kv head, sequence), the G query heads of the group together, so
-// every key row is read from global memory once for the whole group. Decoding is bound by memory,
-// not by tensor cores: the block streams its key rows in chunks of kChunk, each warp taking rows, the
-// lanes splitting the head dim, with an online softmax per head.
-//   1. compressed branch over the visible tokens: o_cmp and lse per head;
-//   2. the same tokens again (now from L2), p = exp(s - lse) summed over the group, spread over the
-//      blocks by the overlap weights (Eq. 9): each block's score is summed by one thread in
-//      ascending token order, so the selection is deterministic;
-//   3. forced blocks plus the top free ones (one warp, n arg-max rounds, ties to the lower id),
-//      ascending, -1 padded, written to `indices`;
-//   4. selected branch over the union of the picked blocks (keys s <= t), window branch over
-//      t - w < s <= t, and the gated sum, written once in the output dtype.
-// Lengths are clamped to the cache's capacity (a host check would cost a sync per step), so no
+// CUDA kernels of fused NSA decoding (the algorithm of cpu/decode_attention.cpp, which is their
+// oracle), split across the keys as in flash-decoding, so that a small batch still fills the GPU.
+// A task is one (sequence, new query, kv head); the G query heads of its group go together, so every
+// key row is read once per group. Four launches on the current stream, no host sync, split counts
+// fixed by shapes alone (common/decode_split.h), so a captured graph replays for any lengths:
+//   1. decode_compressed_kernel, one block per (compressed split, task): online softmax over the
+//      split's tokens (partial output, max and sum per head) and the scores of the split's selection
+//      blocks (Eq. 9) as per-head partial sums, each kept with the max it is relative to;
+//   2. decode_select_kernel, one block per task: the compressed lse per head from the partials, the
+//      block scores summed over the group, forced blocks plus the best free ones (one warp, n
+//      arg-max rounds, ties to the lower id), ascending, -1 padded, written to `indices`;
+//   3. decode_sparse_kernel, one block per (selected or window split, task): online softmax over the
+//      split's rows of the picked blocks (keys s <= t) or of the window (t - w < s <= t);
+//   4. decode_combine_kernel, one block per task: each branch's partials merged in split order, the
+//      gated sum written once in the output dtype.
+// Decoding is bound by memory, not by tensor cores: warps take key rows, lanes split the head dim.
+// Lengths are clamped to the caches' capacities (a host check would cost a sync per step), so no
 // cache_seqlens value reads out of bounds. No atomics: reruns are bitwise equal.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cuda_runtime.h>
 
 #include "common/decode_params.h"
+#include "common/decode_split.h"
 #include "cuda/baseline.h"
 #include "kernels.h"
 
@@ -30,8 +34,10 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = 64;          // key rows per online-softmax step
-constexpr int kMaxDimPerLane = 8;   // head dims up to 256: a lane holds 8 elements of a key row
+constexpr int kChunk = 64;           // key rows per online-softmax step
+constexpr int kMaxDimPerLane = 8;    // head dims up to 256: a lane holds 8 elements of a key row
+constexpr int kBlocksPerSm = 4;      // the splits aim at this many thread blocks per SM
+constexpr int64_t kMinSplitRows = 2 * kChunk;
 
 using baseline::fast_exp;
 using baseline::warp_sum;
@@ -39,57 +45,44 @@ using baseline::warp_sum;
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Shared memory of one block, carved from the dynamic allocation: 8-byte items first, so that every
-// array is aligned whatever the sizes (decode_smem_bytes counts the same items).
+// Every split's results, in a workspace allocated per step. A task's records are its compressed
+// splits, then its selected splits, then its window splits.
 template <typename acc_t>
-struct Smem {
-  KeyRange* ranges;     // [n] key rows of the current branch: one per selected block, or one range
-  int64_t* range_end;   // [n] cumulative row counts of the ranges
-  int64_t* chunk_keys;  // [kChunk] key row of each row of the current chunk
-  acc_t* queries;       // [G][Dk], pre-scaled
-  acc_t* acc;           // [G][Dv] the current branch's unnormalised output
-  acc_t* out;           // [G][Dv] the gated sum
-  acc_t* max;           // [G] running max of the current branch
-  acc_t* sum;           // [G] running sum
-  acc_t* alpha;         // [G] rescale factor of the current chunk
-  acc_t* lse;           // [G] the compressed branch's lse
-  acc_t* scores;        // [G][kChunk] scores, then probabilities, of the current chunk
-  acc_t* group_probs;   // [kChunk] compressed-token probabilities summed over the group
-  acc_t* block_scores;  // [max_blocks]
-  int32_t* picked;      // [n] the selected blocks, ascending, -1 padded
-  unsigned char* taken; // [max_blocks] 1 once a block is kept
+struct Partials {
+  acc_t* out;        // [tasks][records][G][Dv] output relative to the record's max, not normalised
+  acc_t* max;        // [tasks][records][G]
+  acc_t* sum;        // [tasks][records][G]
+  acc_t* block_sum;  // [tasks][G][max_blocks] sum over a block's tokens of w * exp(score - block_max)
+  acc_t* block_max;  // [tasks][G][max_blocks]
+  DecodeSplits splits;
+  int64_t max_blocks;  // selection blocks of a full cache
 };
 
-int64_t decode_smem_bytes(const DecodeParams& p, int64_t acc_bytes, int64_t max_blocks) {
-  const int64_t group = p.num_heads_q / p.num_heads_k, n = p.selection.select_count;
-  const int64_t accs = group * (p.head_dim_qk + 2 * p.head_dim_v + 4 + kChunk) + kChunk + max_blocks;
-  return n * static_cast<int64_t>(sizeof(KeyRange) + sizeof(int64_t) + sizeof(int32_t)) + kChunk * 8 +
-         accs * acc_bytes + max_blocks;
-}
+// The task of this thread block: grid (split, kv head, sequence * TQ + query).
+struct Task {
+  int64_t b, query, head_k, group, id;
+  int64_t length;    // live keys, clamped to the capacity
+  int64_t position;  // the query's position (< 0 when cache_seqlens[b] < TQ: the query sees nothing)
 
-template <typename acc_t>
-__device__ Smem<acc_t> carve(unsigned char* raw, const DecodeParams& p, int64_t group, int64_t max_blocks) {
-  const int64_t n = p.selection.select_count;
-  Smem<acc_t> s;
-  s.ranges = reinterpret_cast<KeyRange*>(raw);
-  s.range_end = reinterpret_cast<int64_t*>(s.ranges + n);
-  s.chunk_keys = s.range_end + n;
-  s.queries = reinterpret_cast<acc_t*>(s.chunk_keys + kChunk);
-  s.acc = s.queries + group * p.head_dim_qk;
-  s.out = s.acc + group * p.head_dim_v;
-  s.max = s.out + group * p.head_dim_v;
-  s.sum = s.max + group;
-  s.alpha = s.sum + group;
-  s.lse = s.alpha + group;
-  s.scores = s.lse + group;
-  s.group_probs = s.scores + group * kChunk;
-  s.block_scores = s.group_probs + kChunk;
-  s.picked = reinterpret_cast<int32_t*>(s.block_scores + max_blocks);
-  s.taken = reinterpret_cast<unsigned char*>(s.picked + n);
-  return s;
-}
+  __device__ explicit Task(const DecodeParams& p)
+      : b(blockIdx.z / static_cast<unsigned>(p.num_queries)),  // the host checks B * TQ <= 65535
+        query(blockIdx.z % static_cast<unsigned>(p.num_queries)),
+        head_k(blockIdx.y),
+        group(p.num_heads_q / p.num_heads_k),
+        id(static_cast<int64_t>(blockIdx.z) * p.num_heads_k + blockIdx.y),
+        length(imin(imax(p.cache_seqlens[b], 0), p.key_capacity)),
+        position(length - p.num_queries + query) {}
 
-// Where the rows of one branch live: `count` logical rows over `num_ranges` key ranges of a cache.
+  // Compressed tokens [0, tokens) the query sees, within the token capacity.
+  __device__ int64_t visible_tokens(const DecodeParams& p) const {
+    if (position < 0) return 0;
+    const BlockSelection& sel = p.selection;
+    const int64_t live = num_compressed_tokens(length, sel.compress_block, sel.compress_stride);
+    return imin(sel.visibility().keys_for(position, live).end, p.token_capacity);
+  }
+};
+
+// Where the rows of one branch live: logical rows over `num_ranges` key ranges of a cache.
 struct Rows {
   const void* k;
   const void* v;
@@ -105,27 +98,78 @@ struct Rows {
   }
 };
 
+// Shared memory of the attention kernels, carved from the dynamic allocation: 8-byte items first, so
+// that every array is aligned whatever the sizes (attend_smem_bytes counts the same items).
+template <typename acc_t>
+struct AttendSmem {
+  KeyRange* ranges;     // [n] key ranges of the branch
+  int64_t* range_end;   // [n] their cumulative row counts
+  int64_t* chunk_keys;  // [kChunk] key row of each row of the current chunk
+  acc_t* queries;       // [G][Dk], pre-scaled
+  acc_t* acc;           // [G][Dv]
+  acc_t* max;           // [G] running max
+  acc_t* sum;           // [G] running sum
+  acc_t* alpha;         // [G] rescale factor of the current chunk
+  acc_t* scores;        // [G][kChunk] scores, then exp(score - max), of the current chunk
+};
+
+int64_t attend_smem_bytes(const DecodeParams& p, int64_t acc_bytes) {
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  return p.selection.select_count * static_cast<int64_t>(sizeof(KeyRange) + sizeof(int64_t)) +
+         kChunk * static_cast<int64_t>(sizeof(int64_t)) +
+         group * (p.head_dim_qk + p.head_dim_v + 3 + kChunk) * acc_bytes;
+}
+
+template <typename acc_t>
+__device__ AttendSmem<acc_t> carve_attend(unsigned char* raw, const DecodeParams& p, int64_t group) {
+  AttendSmem<acc_t> s;
+  s.ranges = reinterpret_cast<KeyRange*>(raw);
+  s.range_end = reinterpret_cast<int64_t*>(s.ranges + p.selection.select_count);
+  s.chunk_keys = s.range_end + p.selection.select_count;
+  s.queries = reinterpret_cast<acc_t*>(s.chunk_keys + kChunk);
+  s.acc = s.queries + group * p.head_dim_qk;
+  s.max = s.acc + group * p.head_dim_v;
+  s.sum = s.max + group;
+  s.alpha = s.sum + group;
+  s.scores = s.alpha + group;
+  return s;
+}
+
+// One thread block's online softmax over some rows of one branch, for the whole group.
 template <typename scalar_t, typename acc_t>
-struct DecodeBlock {
+struct Attend {
   const DecodeParams& p;
-  Smem<acc_t> s;
-  int64_t b, head_k, group, dk, dv;
+  AttendSmem<acc_t> s;
+  Task t;
   int warp, lane;
+
+  __device__ Attend(const DecodeParams& params, unsigned char* smem)
+      : p(params), t(params), warp(threadIdx.x / 32), lane(threadIdx.x % 32) {
+    s = carve_attend<acc_t>(smem, p, t.group);
+    const scalar_t* q = static_cast<const scalar_t*>(p.q);
+    const int dk = static_cast<int>(p.head_dim_qk), group = static_cast<int>(t.group);
+    for (int e = threadIdx.x; e < group * dk; e += kThreads) {
+      const int g = e / dk, x = e % dk;
+      s.queries[e] = static_cast<acc_t>(q[p.q_strides.offset(t.b, t.query, t.head_k * t.group + g) + x]) *
+                     acc_t(p.scale);
+    }
+  }
 
   // Scores of rows [c0, c0 + rows) against the group's queries into s.scores[g][r]; their key rows
   // stay in s.chunk_keys for the values.
   __device__ void chunk_scores(const Rows& src, int64_t c0, int rows) {
+    const int64_t dk = p.head_dim_qk;
     for (int r = threadIdx.x; r < rows; r += kThreads) s.chunk_keys[r] = src.key_row(c0 + r);
     __syncthreads();
     for (int r = warp; r < rows; r += kWarps) {
-      const scalar_t* key = static_cast<const scalar_t*>(src.k) + src.k_strides.offset(b, s.chunk_keys[r], head_k);
+      const scalar_t* key = static_cast<const scalar_t*>(src.k) + src.k_strides.offset(t.b, s.chunk_keys[r], t.head_k);
       acc_t k_lane[kMaxDimPerLane];
 #pragma unroll
       for (int e = 0; e < kMaxDimPerLane; ++e) {
         const int64_t x = lane + 32 * e;
         k_lane[e] = x < dk ? static_cast<acc_t>(key[x]) : acc_t(0);
       }
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < t.group; ++g) {
         acc_t dot = 0;
 #pragma unroll
         for (int e = 0; e < kMaxDimPerLane; ++e) {
@@ -138,223 +182,336 @@ struct DecodeBlock {
     }
   }
 
-  // Softmax attention of the group over `count` rows: leaves lse per head in s.lse when wanted and adds
-  // gate * output to s.out (gate index `branch` of the gates row).
-  __device__ void attend(const Rows& src, int64_t count, int branch, bool keep_lse) {
-    for (int64_t g = threadIdx.x; g < group; g += kThreads) {
+  // Online softmax over the logical rows [begin, end) of src. Rows before owned_begin are scored, and
+  // seen by each_chunk, but left out of the output and the sum. each_chunk(c0, rows) runs once per
+  // chunk while s.scores holds exp(score - max) under the updated s.max; it must only read them.
+  template <typename ChunkHook>
+  __device__ void run(const Rows& src, int64_t begin, int64_t owned_begin, int64_t end, const ChunkHook& each_chunk) {
+    // int indices inside the block: 64-bit division is a slow subroutine call on the GPU.
+    const int group = static_cast<int>(t.group), dv = static_cast<int>(p.head_dim_v);
+    for (int g = threadIdx.x; g < group; g += kThreads) {
       s.max[g] = -INFINITY;
       s.sum[g] = 0;
     }
-    for (int64_t e = threadIdx.x; e < group * dv; e += kThreads) s.acc[e] = 0;
+    for (int e = threadIdx.x; e < group * dv; e += kThreads) s.acc[e] = 0;
     __syncthreads();
-    for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
-      const int rows = static_cast<int>(imin(kChunk, count - c0));
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int rows = static_cast<int>(imin(kChunk, end - c0));
+      const int skip = static_cast<int>(imax(0, imin(rows, owned_begin - c0)));
       chunk_scores(src, c0, rows);
       __syncthreads();
-      for (int64_t g = threadIdx.x; g < group; g += kThreads) {
+      for (int g = threadIdx.x; g < group; g += kThreads) {
         acc_t* row = s.scores + g * kChunk;
         acc_t top = s.max[g];
         for (int r = 0; r < rows; ++r) top = max(top, row[r]);
         acc_t total = 0;
-        for (int r = 0; r < rows; ++r) total += (row[r] = fast_exp(row[r] - top));
+        for (int r = 0; r < rows; ++r) {
+          row[r] = fast_exp(row[r] - top);
+          if (r >= skip) total += row[r];
+        }
         s.alpha[g] = fast_exp(s.max[g] - top);  // 0 on the first chunk (max was -inf)
         s.sum[g] = s.sum[g] * s.alpha[g] + total;
         s.max[g] = top;
       }
       __syncthreads();
-      for (int64_t e = threadIdx.x; e < group * dv; e += kThreads) {
-        const int64_t g = e / dv, x = e % dv;
+      each_chunk(c0, rows);
+      for (int e = threadIdx.x; e < group * dv; e += kThreads) {
+        const int g = e / dv, x = e % dv;
         acc_t a = s.acc[e] * s.alpha[g];
-        for (int r = 0; r < rows; ++r) {
+        for (int r = skip; r < rows; ++r) {
           const scalar_t* value =
-              static_cast<const scalar_t*>(src.v) + src.v_strides.offset(b, s.chunk_keys[r], head_k);
+              static_cast<const scalar_t*>(src.v) + src.v_strides.offset(t.b, s.chunk_keys[r], t.head_k);
           a += s.scores[g * kChunk + r] * static_cast<acc_t>(value[x]);
         }
         s.acc[e] = a;
       }
       __syncthreads();
     }
-    const scalar_t* gates = static_cast<const scalar_t*>(p.gates);
-    for (int64_t e = threadIdx.x; e < group * dv; e += kThreads) {
-      const int64_t g = e / dv;
-      if (count > 0) {
-        const acc_t gate = static_cast<acc_t>(gates[p.gate_strides.offset(b, blockIdx.x, head_k * group + g) + branch]);
-        s.out[e] += gate * s.acc[e] / s.sum[g];
-      }
-    }
-    if (keep_lse)
-      for (int64_t g = threadIdx.x; g < group; g += kThreads) s.lse[g] = count > 0 ? s.max[g] + log(s.sum[g]) : -INFINITY;
-    __syncthreads();
   }
 
-  // Block scores of the candidates [0, candidates) from the compressed tokens [0, tokens).
-  __device__ void score_blocks(const Rows& tokens_src, int64_t tokens, int64_t candidates) {
-    const BlockSelection& sel = p.selection;
-    for (int64_t j = threadIdx.x; j < candidates; j += kThreads) s.block_scores[j] = 0;
-    __syncthreads();
-    for (int64_t c0 = 0; c0 < tokens; c0 += kChunk) {
-      const int rows = static_cast<int>(imin(kChunk, tokens - c0));
-      chunk_scores(tokens_src, c0, rows);
-      __syncthreads();
-      for (int r = threadIdx.x; r < rows; r += kThreads) {
-        acc_t prob = 0;
-        for (int64_t g = 0; g < group; ++g) prob += fast_exp(s.scores[g * kChunk + r] - s.lse[g]);
-        s.group_probs[r] = prob;
-      }
-      __syncthreads();
-      const int64_t first = sel.first_block(c0), last = imin(sel.last_block(c0 + rows - 1), candidates - 1);
-      for (int64_t j = first + threadIdx.x; j <= last; j += kThreads) {
-        acc_t score = s.block_scores[j];
-        for (int r = 0; r < rows; ++r) {
-          const int64_t weight = sel.overlap(c0 + r, j);
-          if (weight > 0) score += acc_t(weight) * s.group_probs[r];
-        }
-        s.block_scores[j] = score;
-      }
-      __syncthreads();
-    }
-  }
-
-  // Forced blocks and the best free candidates (one warp), ascending, -1 padded, into s.picked and
-  // the indices row.
-  __device__ void pick(int64_t position, int64_t candidates) {
-    const BlockSelection& sel = p.selection;
-    const int64_t own = candidates > 0 ? sel.own_block(position) : 0;
-    for (int64_t j = threadIdx.x; j < candidates; j += kThreads) s.taken[j] = sel.forced_candidate(j, own);
-    __syncthreads();
-    if (warp == 0) {
-      int64_t kept = 0;
-      for (int64_t j = 0; j < candidates; ++j) kept += s.taken[j];
-      for (; kept < sel.select_count && kept < candidates; ++kept) {
-        acc_t best = -INFINITY;
-        int64_t best_block = -1;
-        for (int64_t j = lane; j < candidates; j += 32) {
-          const acc_t score = isnan(s.block_scores[j]) ? -INFINITY : s.block_scores[j];
-          if (!s.taken[j] && (best_block < 0 || score > best)) {
-            best = score;
-            best_block = j;
-          }
-        }
-        for (int offset = 16; offset > 0; offset >>= 1) {  // arg-max, ties to the lower id
-          const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
-          const int64_t other_block = __shfl_xor_sync(0xffffffffu, best_block, offset);
-          if (other_block >= 0 && (best_block < 0 || other > best || (other == best && other_block < best_block))) {
-            best = other;
-            best_block = other_block;
-          }
-        }
-        if (lane == 0) s.taken[best_block] = 1;
-        __syncwarp();
-      }
-      if (lane == 0) {
-        int64_t e = 0;
-        for (int64_t j = 0; j < candidates && e < sel.select_count; ++j)
-          if (s.taken[j]) s.picked[e++] = static_cast<int32_t>(j);
-        for (; e < sel.select_count; ++e) s.picked[e] = -1;
-      }
-    }
-    __syncthreads();
-    int32_t* out = p.indices + p.index_strides.offset(b, blockIdx.x, head_k);
-    for (int64_t e = threadIdx.x; e < sel.select_count; e += kThreads) out[e] = s.picked[e];
-  }
-
-  __device__ void run() {
-    const BlockSelection& sel = p.selection;
-    const int64_t length = imin(p.cache_seqlens[b], p.key_capacity);
-    const int64_t position = length - p.num_queries + blockIdx.x;
-    for (int64_t e = threadIdx.x; e < group * dv; e += kThreads) s.out[e] = 0;
-    const scalar_t* q = static_cast<const scalar_t*>(p.q);
-    for (int64_t e = threadIdx.x; e < group * dk; e += kThreads) {
-      const int64_t g = e / dk, x = e % dk;
-      s.queries[e] = static_cast<acc_t>(q[p.q_strides.offset(b, blockIdx.x, head_k * group + g) + x]) * acc_t(p.scale);
-    }
-    __syncthreads();
-    int64_t candidates = 0;
-    if (position >= 0) {
-      const int64_t tokens = imin(
-          sel.visibility().keys_for(position, num_compressed_tokens(length, sel.compress_block, sel.compress_stride)).end,
-          p.token_capacity);
-      if (threadIdx.x == 0) {
-        s.ranges[0] = {0, tokens};
-        s.range_end[0] = tokens;
-      }
-      __syncthreads();
-      const Rows compressed{p.k_cmp, p.v_cmp, p.k_cmp_strides, p.v_cmp_strides, s.ranges, s.range_end, 1};
-      attend(compressed, tokens, 0, true);
-      const int64_t num_blocks = num_select_blocks(length, sel.select_block);
-      candidates = sel.candidates_end(position, num_blocks);
-      score_blocks(compressed, tokens, candidates);
-    }
-    pick(position, candidates);
-    if (position >= 0) {
-      if (threadIdx.x == 0) {
-        int n = 0;
-        int64_t rows = 0;
-        for (int64_t e = 0; e < sel.select_count; ++e) {
-          if (s.picked[e] < 0) continue;
-          const int64_t begin = s.picked[e] * sel.select_block;
-          const int64_t end = imin(begin + sel.select_block, position + 1);
-          s.ranges[n] = {begin, end};
-          rows += end - begin;
-          s.range_end[n++] = rows;
-        }
-      }
-      __syncthreads();
-      int num_ranges = 0;
-      for (int64_t e = 0; e < sel.select_count; ++e) num_ranges += s.picked[e] >= 0;
-      const int64_t selected_rows = num_ranges ? s.range_end[num_ranges - 1] : 0;
-      const Rows selected{p.k, p.v, p.k_strides, p.v_strides, s.ranges, s.range_end, num_ranges};
-      attend(selected, selected_rows, 1, false);
-      const int64_t window_begin = imax(0, position + 1 - p.window);
-      if (threadIdx.x == 0) {
-        s.ranges[0] = {window_begin, position + 1};
-        s.range_end[0] = position + 1 - window_begin;
-      }
-      __syncthreads();
-      const Rows window{p.k_swa, p.v_swa, p.k_swa_strides, p.v_swa_strides, s.ranges, s.range_end, 1};
-      attend(window, position + 1 - window_begin, 2, false);
-    }
-    scalar_t* out = static_cast<scalar_t*>(p.out);
-    for (int64_t e = threadIdx.x; e < group * dv; e += kThreads) {
-      const int64_t g = e / dv, x = e % dv;
-      out[p.out_strides.offset(b, blockIdx.x, head_k * group + g) + x] = static_cast<scalar_t>(s.out[e]);
+  // The block's output, max and sum per head, as record `record` of the task.
+  __device__ void store(const Partials<acc_t>& w, int64_t record) const {
+    const int64_t base = t.id * w.splits.total() + record;
+    const int group = static_cast<int>(t.group), dv = static_cast<int>(p.head_dim_v);
+    for (int e = threadIdx.x; e < group * dv; e += kThreads) w.out[base * group * dv + e] = s.acc[e];
+    for (int g = threadIdx.x; g < group; g += kThreads) {
+      w.max[base * group + g] = s.max[g];
+      w.sum[base * group + g] = s.sum[g];
     }
   }
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p, int64_t max_blocks) {
+__global__ void __launch_bounds__(kThreads, 1) decode_compressed_kernel(const __grid_constant__ DecodeParams p,
+                                                                     const __grid_constant__ Partials<acc_t> w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  Attend<scalar_t, acc_t> a(p, smem_raw);
+  const BlockSelection& sel = p.selection;
+  const int64_t tokens = a.t.visible_tokens(p);
+  const CompressedSplit split = compressed_split(sel, tokens, w.splits.compressed, blockIdx.x);
+  if (threadIdx.x == 0) {
+    a.s.ranges[0] = {0, tokens};
+    a.s.range_end[0] = tokens;
+  }
+  __syncthreads();
+  const Rows rows{p.k_cmp, p.v_cmp, p.k_cmp_strides, p.v_cmp_strides, a.s.ranges, a.s.range_end, 1};
+  // Token and block ids fit in int (cache_seqlens is int32); 32-bit division is inline, 64-bit a call.
+  const int group = static_cast<int>(a.t.group), block_chunks = static_cast<int>(sel.block_chunks()),
+            token_chunks = static_cast<int>(sel.token_chunks());
+  acc_t* block_sum = w.block_sum + a.t.id * group * w.max_blocks;
+  acc_t* block_max = w.block_max + a.t.id * group * w.max_blocks;
+  a.run(rows, split.scored_begin, split.token_begin, split.token_end, [&](int64_t c0, int count) {
+    // The split's blocks that this chunk's tokens meet; one thread per (head, block), tokens in order.
+    const int chunk = static_cast<int>(c0);
+    const int first = max(static_cast<int>(split.block_begin), chunk / block_chunks);
+    const int last = min(static_cast<int>(split.block_end) - 1, (chunk + count + token_chunks - 2) / block_chunks);
+    const int blocks = last - first + 1;  // a chunk meets few blocks
+    for (int item = threadIdx.x; item < group * blocks; item += kThreads) {
+      const int g = item / blocks, j = first + item % blocks;
+      // First token of the split that meets block j; earlier chunks hold those before `chunk`.
+      const int reach = max(static_cast<int>(split.scored_begin), j * block_chunks - token_chunks + 1);
+      acc_t total = 0;
+      for (int r = max(reach - chunk, 0); r < min(count, (j + 1) * block_chunks - chunk); ++r)
+        total += acc_t(sel.overlap(c0 + r, j)) * a.s.scores[g * kChunk + r];
+      const int64_t slot = g * w.max_blocks + j;
+      if (reach < chunk) total += block_sum[slot] * fast_exp(block_max[slot] - a.s.max[g]);
+      block_sum[slot] = total;
+      block_max[slot] = a.s.max[g];
+    }
+  });
+  a.store(w, blockIdx.x);
+}
+
+// Shared memory of the selection kernel.
+template <typename acc_t>
+struct SelectSmem {
+  acc_t* lse;           // [G] the compressed branch's lse per head
+  acc_t* block_scores;  // [max_blocks]
+  int32_t* picked;      // [n]
+  unsigned char* taken; // [max_blocks] 1 once a block is kept
+};
+
+int64_t select_smem_bytes(const DecodeParams& p, int64_t acc_bytes, int64_t max_blocks) {
   const int64_t group = p.num_heads_q / p.num_heads_k;
-  DecodeBlock<scalar_t, acc_t> block{p, carve<acc_t>(smem_raw, p, group, max_blocks), blockIdx.z, blockIdx.y, group,
-                                     p.head_dim_qk, p.head_dim_v, static_cast<int>(threadIdx.x / 32),
-                                     static_cast<int>(threadIdx.x % 32)};
-  block.run();
+  return (group + max_blocks) * acc_bytes + p.selection.select_count * static_cast<int64_t>(sizeof(int32_t)) +
+         max_blocks;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const __grid_constant__ DecodeParams p,
+                                                                 const __grid_constant__ Partials<acc_t> w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Task t(p);
+  const BlockSelection& sel = p.selection;
+  const int64_t group = t.group;
+  SelectSmem<acc_t> s;
+  s.lse = reinterpret_cast<acc_t*>(smem_raw);
+  s.block_scores = s.lse + group;
+  s.picked = reinterpret_cast<int32_t*>(s.block_scores + w.max_blocks);
+  s.taken = reinterpret_cast<unsigned char*>(s.picked + sel.select_count);
+
+  const int64_t base = t.id * w.splits.total();
+  for (int64_t g = threadIdx.x; g < group; g += kThreads) {
+    acc_t top = -INFINITY;
+    for (int64_t r = 0; r < w.splits.compressed; ++r) top = max(top, w.max[(base + r) * group + g]);
+    acc_t total = 0;
+    if (top > -INFINITY)
+      for (int64_t r = 0; r < w.splits.compressed; ++r)
+        total += fast_exp(w.max[(base + r) * group + g] - top) * w.sum[(base + r) * group + g];
+    s.lse[g] = total > 0 ? top + log(total) : -INFINITY;
+  }
+  __syncthreads();
+
+  const int64_t tokens = t.visible_tokens(p);
+  const int64_t touched = tokens > 0 ? sel.last_block(tokens - 1) + 1 : 0;  // blocks the tokens meet
+  const int64_t candidates = sel.candidates_end(t.position, num_select_blocks(t.length, sel.select_block));
+  const acc_t* block_sum = w.block_sum + t.id * group * w.max_blocks;
+  const acc_t* block_max = w.block_max + t.id * group * w.max_blocks;
+  for (int64_t j = threadIdx.x; j < candidates; j += kThreads) {
+    acc_t score = 0;
+    if (j < touched)
+      for (int64_t g = 0; g < group; ++g)
+        if (s.lse[g] > -INFINITY)
+          score += fast_exp(block_max[g * w.max_blocks + j] - s.lse[g]) * block_sum[g * w.max_blocks + j];
+    s.block_scores[j] = score;
+  }
+  const int64_t own = candidates > 0 ? sel.own_block(t.position) : 0;
+  for (int64_t j = threadIdx.x; j < candidates; j += kThreads) s.taken[j] = sel.forced_candidate(j, own);
+  __syncthreads();
+
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int64_t kept = 0;
+    for (int64_t j = 0; j < candidates; ++j) kept += s.taken[j];
+    for (; kept < sel.select_count && kept < candidates; ++kept) {
+      acc_t best = -INFINITY;
+      int64_t best_block = -1;
+      for (int64_t j = lane; j < candidates; j += 32) {
+        const acc_t score = isnan(s.block_scores[j]) ? -INFINITY : s.block_scores[j];
+        if (!s.taken[j] && (best_block < 0 || score > best)) {
+          best = score;
+          best_block = j;
+        }
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {  // arg-max, ties to the lower id
+        const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+        const int64_t other_block = __shfl_xor_sync(0xffffffffu, best_block, offset);
+        if (other_block >= 0 && (best_block < 0 || other > best || (other == best && other_block < best_block))) {
+          best = other;
+          best_block = other_block;
+        }
+      }
+      if (lane == 0) s.taken[best_block] = 1;
+      __syncwarp();
+    }
+    if (lane == 0) {
+      int64_t e = 0;
+      for (int64_t j = 0; j < candidates && e < sel.select_count; ++j)
+        if (s.taken[j]) s.picked[e++] = static_cast<int32_t>(j);
+      for (; e < sel.select_count; ++e) s.picked[e] = -1;
+    }
+  }
+  __syncthreads();
+  int32_t* out = p.indices + p.index_strides.offset(t.b, t.query, t.head_k);
+  for (int64_t e = threadIdx.x; e < sel.select_count; e += kThreads) out[e] = s.picked[e];
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) decode_sparse_kernel(const __grid_constant__ DecodeParams p,
+                                                                 const __grid_constant__ Partials<acc_t> w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Attend<scalar_t, acc_t> a(p, smem_raw);
+  const BlockSelection& sel = p.selection;
+  const Task& t = a.t;
+  const bool window = blockIdx.x >= w.splits.selected;
+  int64_t rows = 0;
+  int num_ranges = 1;
+  if (!window) {
+    // The picked blocks (ascending, -1 padded by decode_select_kernel), the query's own cut at t.
+    const int32_t* ids = p.indices + p.index_strides.offset(t.b, t.query, t.head_k);
+    num_ranges = 0;
+    for (int64_t e = 0; e < sel.select_count; ++e) num_ranges += ids[e] >= 0;
+    if (threadIdx.x == 0) {
+      int n = 0;
+      for (int64_t e = 0; e < sel.select_count; ++e) {
+        if (ids[e] < 0) continue;
+        const int64_t begin = ids[e] * sel.select_block;
+        const int64_t end = imin(begin + sel.select_block, t.position + 1);
+        a.s.ranges[n] = {begin, end};
+        rows += end - begin;
+        a.s.range_end[n++] = rows;
+      }
+    }
+    __syncthreads();
+    rows = num_ranges ? a.s.range_end[num_ranges - 1] : 0;
+  } else if (t.position >= 0) {
+    const int64_t window_begin = imax(0, t.position + 1 - p.window);
+    rows = t.position + 1 - window_begin;
+    if (threadIdx.x == 0) {
+      a.s.ranges[0] = {window_begin, t.position + 1};
+      a.s.range_end[0] = rows;
+    }
+  }
+  __syncthreads();
+  const KeyRange part = window ? even_split(rows, w.splits.window, blockIdx.x - w.splits.selected)
+                               : even_split(rows, w.splits.selected, blockIdx.x);
+  const Rows src{window ? p.k_swa : p.k,
+                 window ? p.v_swa : p.v,
+                 window ? p.k_swa_strides : p.k_strides,
+                 window ? p.v_swa_strides : p.v_strides,
+                 a.s.ranges,
+                 a.s.range_end,
+                 num_ranges};
+  a.run(src, part.begin, part.begin, part.end, [](int64_t, int) {});
+  a.store(w, w.splits.compressed + blockIdx.x);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const __grid_constant__ DecodeParams p,
+                                                                  const __grid_constant__ Partials<acc_t> w) {
+  const Task t(p);
+  const int64_t group = t.group, dv = p.head_dim_v, base = t.id * w.splits.total();
+  const int64_t bounds[4] = {0, w.splits.compressed, w.splits.compressed + w.splits.selected, w.splits.total()};
+  const scalar_t* gates = static_cast<const scalar_t*>(p.gates);
+  scalar_t* out = static_cast<scalar_t*>(p.out);
+  for (int e = threadIdx.x; e < group * dv; e += kThreads) {
+    const int g = e / static_cast<int>(dv), x = e % static_cast<int>(dv);
+    const int64_t head = t.head_k * group + g;
+    acc_t result = 0;
+    for (int branch = 0; branch < 3; ++branch) {
+      acc_t top = -INFINITY;
+      for (int64_t r = bounds[branch]; r < bounds[branch + 1]; ++r) top = max(top, w.max[(base + r) * group + g]);
+      if (top == -INFINITY) continue;  // the branch saw no key
+      acc_t sum = 0, value = 0;
+      for (int64_t r = bounds[branch]; r < bounds[branch + 1]; ++r) {
+        const acc_t factor = fast_exp(w.max[(base + r) * group + g] - top);
+        sum += factor * w.sum[(base + r) * group + g];
+        value += factor * w.out[((base + r) * group + g) * dv + x];
+      }
+      const acc_t gate = static_cast<acc_t>(gates[p.gate_strides.offset(t.b, t.query, head) + branch]);
+      if (sum > 0) result += gate * value / sum;
+    }
+    out[p.out_strides.offset(t.b, t.query, head) + x] = static_cast<scalar_t>(result);
+  }
+}
+
+template <typename Kernel, typename acc_t>
+void launch(Kernel kernel, int64_t splits, int64_t smem, const DecodeParams& p, const Partials<acc_t>& w) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.num_heads_k),
+                  static_cast<unsigned>(p.num_seqs * p.num_queries));
+  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, w);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 void decode_attention_cuda(const DecodeParams& p, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(p.head_dim_qk <= 32 * kMaxDimPerLane, "nsa: argument 'q' must have a head dim Dk <= ",
-                    32 * kMaxDimPerLane, " for the CUDA decoding kernel, got ", p.head_dim_qk);
-  TORCH_CHECK_VALUE(p.num_seqs <= 65535 && p.num_heads_k <= 65535 && p.num_queries <= (int64_t(1) << 31) - 1,
-                    "nsa: argument 'q' has too many sequences, kv heads or queries for one launch");
+                    32 * kMaxDimPerLane, " for the CUDA decoding kernels, got ", p.head_dim_qk);
+  TORCH_CHECK_VALUE(p.num_seqs * p.num_queries <= 65535 && p.num_heads_k <= 65535, "nsa: argument 'q' has ",
+                    p.num_seqs, " sequences of ", p.num_queries, " new queries and ", p.num_heads_k,
+                    " kv heads: the CUDA decoding kernels take at most 65535 (sequence, query) pairs and kv heads");
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int sm_count = 0, smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  const int64_t tasks = p.num_seqs * p.num_queries * p.num_heads_k;
   const int64_t max_blocks = num_select_blocks(p.key_capacity, p.selection.select_block);
+  const DecodeSplits splits = plan_decode_splits(
+      tasks, int64_t(kBlocksPerSm) * sm_count, kMinSplitRows, p.token_capacity,
+      p.selection.select_count * p.selection.select_block, std::min(p.window, p.key_capacity));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_decode_attention_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const int64_t smem = decode_smem_bytes(p, sizeof(acc_t), max_blocks);
-    int device = 0, limit = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK_VALUE(smem <= limit, "nsa: argument 'k_cache' holds ", p.key_capacity,
-                      " keys per sequence: ", max_blocks, " selection blocks and the group's rows need ", smem,
+    const int64_t attend_smem = attend_smem_bytes(p, sizeof(acc_t));
+    const int64_t select_smem = select_smem_bytes(p, sizeof(acc_t), max_blocks);
+    const int64_t limit = smem_limit;
+    TORCH_CHECK_VALUE(attend_smem <= limit, "nsa: arguments 'q' and 'v_cache': a group of ", group,
+                      " query heads with Dk = ", p.head_dim_qk, " and Dv = ", p.head_dim_v, " needs ", attend_smem,
+                      " bytes of shared memory in the CUDA decoding kernels, more than the device's ", limit);
+    TORCH_CHECK_VALUE(select_smem <= limit, "nsa: argument 'k_cache' holds ", p.key_capacity,
+                      " keys per sequence: its ", max_blocks, " selection blocks need ", select_smem,
                       " bytes of shared memory, more than the device's ", limit);
-    auto kernel = decode_kernel<scalar_t, acc_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>(p.num_queries), static_cast<unsigned>(p.num_heads_k),
-                    static_cast<unsigned>(p.num_seqs));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, max_blocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    const int64_t records = splits.total();
+    const int64_t block_items = tasks * group * max_blocks;
+    at::Tensor workspace = at::empty({tasks * records * group * (p.head_dim_v + 2) + 2 * block_items},
+                                     at::TensorOptions().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)
+                                         .device(at::kCUDA, device));
+    Partials<acc_t> w;
+    w.out = workspace.data_ptr<acc_t>();
+    w.max = w.out + tasks * records * group * p.head_dim_v;
+    w.sum = w.max + tasks * records * group;
+    w.block_sum = w.sum + tasks * records * group;
+    w.block_max = w.block_sum + block_items;
+    w.splits = splits;
+    w.max_blocks = max_blocks;
+
+    launch(decode_compressed_kernel<scalar_t, acc_t>, splits.compressed, attend_smem, p, w);
+    launch(decode_select_kernel<acc_t>, 1, select_smem, p, w);
+    launch(decode_sparse_kernel<scalar_t, acc_t>, splits.selected + splits.window, attend_smem, p, w);
+    launch(decode_combine_kernel<scalar_t, acc_t>, 1, 0, p, w);
   });
 }
 

@@ -1,0 +1,69 @@
+#pragma once
+// How the CUDA decoding kernels split one step's rows over thread blocks (flash-decoding), shared
+// with CPU tests through test hooks. A task is one (sequence, new query, kv head); its rows are the
+// visible compressed tokens, the selected blocks' keys and the window's keys, each branch cut into
+// a fixed number of splits. The counts depend on shapes only (capacities, not live lengths), so a
+// captured CUDA graph stays valid for any cache_seqlens; each split finds its rows on the device.
+#include <cstdint>
+
+#include "common/host_device.h"
+#include "common/selection.h"
+
+namespace nsa {
+
+NSA_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct DecodeSplits {
+  int64_t compressed;  // splits of the compressed tokens (cut at selection-block boundaries)
+  int64_t selected;    // splits of the selected blocks' rows
+  int64_t window;      // splits of the window's rows
+  NSA_HOST_DEVICE int64_t total() const { return compressed + selected + window; }
+};
+
+// Enough splits per branch that the tasks' splits fill about `target_blocks` thread blocks, but at
+// least `min_rows` rows per split (below that, the combine costs more than the split saves). The row
+// counts are the most a task can have per branch.
+NSA_HOST_DEVICE DecodeSplits plan_decode_splits(int64_t tasks, int64_t target_blocks, int64_t min_rows,
+                                                int64_t token_rows, int64_t selected_rows, int64_t window_rows) {
+  const int64_t total = token_rows + selected_rows + window_rows;
+  const int64_t wanted = tasks >= target_blocks ? 1 : ceil_div(target_blocks, tasks);  // splits per task
+  int64_t per_split = ceil_div(total, wanted);
+  if (per_split < min_rows) per_split = min_rows;
+  const auto count = [per_split](int64_t rows) { return rows > per_split ? ceil_div(rows, per_split) : int64_t(1); };
+  return {count(token_rows), count(selected_rows), count(window_rows)};
+}
+
+// Split `index` of `splits` over `rows` rows: [begin, end), near-equal parts in order.
+NSA_HOST_DEVICE KeyRange even_split(int64_t rows, int64_t splits, int64_t index) {
+  const int64_t per = ceil_div(rows, splits);
+  const int64_t begin = per * index < rows ? per * index : rows;
+  return {begin, begin + per < rows ? begin + per : rows};
+}
+
+// Split `index` of the compressed branch of a query that sees tokens [0, tokens). The splits cut the
+// selection blocks the tokens meet, [0, last_block(tokens - 1)], into near-equal runs; a split owns
+// the tokens whose first block is one of its blocks (each token in exactly one split: its softmax
+// terms) and also scores the few earlier tokens that reach into its first block, so that every score
+// of its blocks (Eq. 9) is summed by the split alone.
+struct CompressedSplit {
+  int64_t block_begin, block_end;  // blocks [block_begin, block_end) whose scores the split sums
+  int64_t token_begin, token_end;  // tokens it owns
+  int64_t scored_begin;            // first token it scores (<= token_begin)
+};
+
+NSA_HOST_DEVICE CompressedSplit compressed_split(const BlockSelection& sel, int64_t tokens, int64_t splits,
+                                                 int64_t index) {
+  const int64_t blocks = tokens > 0 ? sel.last_block(tokens - 1) + 1 : 0;
+  const KeyRange own = even_split(blocks, splits, index);
+  const int64_t chunks = sel.block_chunks();
+  CompressedSplit s;
+  s.block_begin = own.begin;
+  s.block_end = own.end;
+  s.token_begin = own.begin * chunks < tokens ? own.begin * chunks : tokens;
+  s.token_end = own.end * chunks < tokens ? own.end * chunks : tokens;
+  const int64_t reach = own.begin * chunks - sel.token_chunks() + 1;  // first token that meets block_begin
+  s.scored_begin = own.empty() ? s.token_begin : (reach > 0 ? reach : 0);
+  return s;
+}
+
+}  // namespace nsa

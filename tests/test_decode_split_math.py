@@ -1,0 +1,79 @@
+"""The split math of the CUDA decoding kernels (common/decode_split.h), run on the host through test
+hooks: split counts, even row splits, and the compressed branch's splits, whose blocks and tokens
+must be cut so that every token's softmax term is counted once and every block's score (Eq. 9) is
+summed by one split alone, chunk after chunk as decode_compressed_kernel does."""
+
+import itertools
+
+import pytest
+
+from nsa_ext import _C
+
+CHUNK = 64  # kChunk of cuda/decode_attention.cu
+# (l, d, l'): the paper's, small ones, l = d = l', and l > l' (a token meets up to three blocks).
+CONFIGS = [(32, 16, 64), (8, 4, 16), (8, 8, 8), (16, 8, 32), (32, 8, 16), (4, 1, 64)]
+
+
+def overlap(token, block, l, d, l_sel):
+    """Chunks of d keys that token i ([i*d, i*d + l)) and block j ([j*l', (j+1)*l')) share."""
+    lo, hi = max(token, block * (l_sel // d)), min(token + l // d, (block + 1) * (l_sel // d))
+    return max(0, hi - lo)
+
+
+def test_even_split_cuts_rows_in_order():
+    for rows, splits in itertools.product(range(0, 140), range(1, 12)):
+        parts = [_C._even_split(rows, splits, s) for s in range(splits)]
+        assert parts[0][0] == 0 and parts[-1][1] == rows
+        for (b0, e0), (b1, e1) in zip(parts, parts[1:]):
+            assert b0 <= e0 == b1 <= e1
+        assert max(e - b for b, e in parts) <= -(-rows // splits)
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 128, 528, 5000])
+def test_split_counts_fill_the_device_with_enough_rows_each(tasks):
+    target, min_rows = 528, 128
+    for rows in [(0, 0, 1), (10, 64, 12), (511, 1024, 512), (4095, 1024, 512), (65535, 2048, 4096)]:
+        counts = _C._decode_splits(tasks, target, min_rows, *rows)
+        assert all(c >= 1 for c in counts)
+        per_split = [-(-r // c) for r, c in zip(rows, counts)]
+        for r, c, per in zip(rows, counts, per_split):
+            assert c == 1 or per >= min_rows // 2, (rows, counts)  # no split of a few rows
+        if tasks >= target:
+            assert counts == (1, 1, 1)
+        elif sum(rows) >= target // tasks * min_rows:
+            assert tasks * sum(counts) >= target // 2, (rows, counts)  # enough blocks to fill the GPU
+
+
+@pytest.mark.parametrize("l,d,l_sel", CONFIGS)
+def test_compressed_splits_own_every_token_once_and_sum_whole_blocks(l, d, l_sel):
+    for tokens, splits in itertools.product([0, 1, 2, 3, 5, 17, 64, 65, 130, 200], [1, 2, 3, 7]):
+        blocks = (tokens - 1 + l // d - 1) // (l_sel // d) + 1 if tokens else 0
+        parts = [_C._compressed_split(tokens, splits, s, l, d, l_sel) for s in range(splits)]
+        assert parts[0][0] == 0 and parts[-1][1] == blocks
+        assert parts[0][2] == 0 and parts[-1][3] == tokens
+        for a, b in zip(parts, parts[1:]):
+            assert a[1] == b[0] and a[3] == b[2]  # blocks and owned tokens follow each other
+        for block_begin, block_end, token_begin, token_end, scored_begin in parts:
+            assert 0 <= scored_begin <= token_begin <= token_end <= tokens
+            assert token_begin - scored_begin <= max(0, l // d - 1)
+            for j in range(block_begin, block_end):
+                meeting = [t for t in range(tokens) if overlap(t, j, l, d, l_sel)]
+                assert meeting and scored_begin <= meeting[0] and meeting[-1] < token_end
+                _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_end, l, d, l_sel)
+
+
+def _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_end, l, d, l_sel):
+    """The kernel's walk over chunks of CHUNK scored tokens: block j is updated by exactly the chunks
+    holding its tokens, the first of them starts its sum and the later ones continue it."""
+    block_chunks, token_chunks = l_sel // d, l // d
+    reach = max(scored_begin, j * block_chunks - token_chunks + 1)
+    updates = []
+    for c0 in range(scored_begin, token_end, CHUNK):
+        count = min(CHUNK, token_end - c0)
+        first = max(block_begin, c0 // block_chunks)
+        last = min(block_end - 1, (c0 + count - 1 + token_chunks - 1) // block_chunks)
+        if first <= j <= last:
+            rows = range(max(reach - c0, 0), min(count, (j + 1) * block_chunks - c0))
+            updates.append((c0, [c0 + r for r in rows if overlap(c0 + r, j, l, d, l_sel)], reach < c0))
+    assert [t for _, ts, _ in updates for t in ts] == meeting
+    assert [continued for _, _, continued in updates] == [False] + [True] * (len(updates) - 1)
