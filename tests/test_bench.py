@@ -28,7 +28,7 @@ def test_quick_run_prints_the_table_and_writes_csv(tmp_path, capsys):
     assert len(rows) == len(expected)
     assert all(float(r["seconds"]) > 0 and float(r["speedup_sdpa"]) > 0 for r in rows)
     decode = [r for r in rows if r["op"] == "decode"]
-    assert decode and all(float(r["gbps"]) > 0 for r in decode)
+    assert decode and all(float(r["gbps"]) > 0 and float(r["speedup_copy"]) > 0 for r in decode)
     assert ("wrote" in out) or ("matplotlib not installed" in out)
 
 

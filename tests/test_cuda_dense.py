@@ -9,7 +9,8 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import LOW_PRECISION, assert_within_torch_error, cu_seqlens, grads, max_error, poisoned_outputs, random_batch
+from utils import (LOW_PRECISION, assert_within_torch_error, check_bitwise_reruns, cu_seqlens, grads, max_error,
+                   poisoned_outputs, random_batch)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -128,14 +129,13 @@ def test_bitwise_deterministic(dims):
     gen = torch.Generator().manual_seed(3)
     b = random_batch([500], [500], 16, 2, dims[0], dims[1], packed=False, dtype=torch.bfloat16, generator=gen)
     dout = torch.randn(1, 500, 16, dims[1], generator=gen).to(torch.bfloat16).cuda()
-    runs = []
-    for _ in range(3):
+
+    def run_once():
         x = b.to(torch.bfloat16, "cuda", requires_grad=True)
         out, lse = nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=128)
-        runs.append((out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v))))
-    for other in runs[1:]:
-        for a, c in zip(runs[0], other):
-            assert torch.equal(a, c)
+        return (out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v)))
+
+    check_bitwise_reruns(run_once)
 
 
 def test_tiled_kernels_are_the_ones_that_run():

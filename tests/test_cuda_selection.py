@@ -12,8 +12,8 @@ from nsa_ext import reference
 from nsa_ext.bench import nsa_like_indices
 
 from test_selection_attention import opcheck_samples, random_indices
-from utils import (LOW_PRECISION, assert_close_fp32, assert_within_torch_error, check_opcheck, finite_cotangent,
-                   grads, max_error, poisoned_outputs, random_batch)
+from utils import (LOW_PRECISION, assert_close_fp32, assert_within_torch_error, check_bitwise_reruns, check_opcheck,
+                   finite_cotangent, grads, max_error, poisoned_outputs, random_batch)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -132,14 +132,13 @@ def test_bitwise_deterministic(dtype):
     b = random_batch([700], [700], 16, 2, 128, 128, packed=False, dtype=dtype, generator=gen)
     idx = nsa_like_indices(700, 2, 8, 64, gen).cuda()
     dout = torch.randn(1, 700, 16, 128, generator=gen).to(dtype).cuda()
-    runs = []
-    for _ in range(3):
+
+    def run_once():
         x = b.to(dtype, "cuda", requires_grad=True)
         out, lse = nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=64)
-        runs.append((out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v))))
-    for other in runs[1:]:
-        for a, c in zip(runs[0], other):
-            assert torch.equal(a, c)
+        return (out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v)))
+
+    check_bitwise_reruns(run_once)
 
 
 def test_rows_that_see_nothing():

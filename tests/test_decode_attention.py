@@ -217,17 +217,20 @@ def _to(c, device, dtype=None):
             for k, v in c.items()}
 
 
-@cuda
-@pytest.mark.parametrize("cfg_name", list(CONFIGS))
-@pytest.mark.parametrize("hq,hk,dk,dv", [(4, 2, 16, 8), (16, 1, 128, 128), (8, 8, 192, 128), (32, 4, 64, 256)])
-def test_cuda_matches_cpu_fp64(cfg_name, hq, hk, dk, dv):
-    cfg = CONFIGS[cfg_name]
-    c = make_cache(LENGTHS, 3, hq, hk, dk, dv, cfg, own_window=hq > 8, seed=hq + dk)
+def _check_cuda_matches_cpu_fp64(c, cfg):
     with poisoned_outputs():
         out, indices = fused(_to(c, "cuda"), cfg)
     expected, expected_indices = fused(c, cfg)
     assert torch.equal(indices.cpu(), expected_indices)
     assert_close_fp32(out.cpu(), expected, rel=1e-10, name="decode cuda fp64")
+
+
+@cuda
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("hq,hk,dk,dv", [(4, 2, 16, 8), (16, 1, 128, 128), (8, 8, 192, 128), (32, 4, 64, 256)])
+def test_cuda_matches_cpu_fp64(cfg_name, hq, hk, dk, dv):
+    cfg = CONFIGS[cfg_name]
+    _check_cuda_matches_cpu_fp64(make_cache(LENGTHS, 3, hq, hk, dk, dv, cfg, own_window=hq > 8, seed=hq + dk), cfg)
 
 
 @cuda
@@ -237,12 +240,8 @@ def test_cuda_many_splits_match_cpu(tq):
     # (at least 128 rows each), so blocks' tokens straddle chunks and splits, and empty splits occur.
     cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_count=16, init_blocks=1,
                     local_blocks=2, window=512)
-    c = make_cache([8192, 3001, 700, 20], tq, 8, 2, 64, 32, cfg, own_window=True, seed=21)
-    with poisoned_outputs():
-        out, indices = fused(_to(c, "cuda"), cfg)
-    expected, expected_indices = fused(c, cfg)
-    assert torch.equal(indices.cpu(), expected_indices)
-    assert_close_fp32(out.cpu(), expected, rel=1e-10, name="decode cuda fp64, many splits")
+    _check_cuda_matches_cpu_fp64(make_cache([8192, 3001, 700, 20], tq, 8, 2, 64, 32, cfg, own_window=True, seed=21),
+                                 cfg)
 
 
 @cuda

@@ -35,13 +35,14 @@ def test_split_counts_fill_the_device_with_enough_rows_each(tasks):
     for rows in [(0, 0, 1), (10, 64, 12), (511, 1024, 512), (4095, 1024, 512), (65535, 2048, 4096)]:
         counts = _C._decode_splits(tasks, target, min_rows, *rows)
         assert all(c >= 1 for c in counts)
-        per_split = [-(-r // c) for r, c in zip(rows, counts)]
-        for r, c, per in zip(rows, counts, per_split):
-            assert c == 1 or per >= min_rows // 2, (rows, counts)  # no split of a few rows
+        for r, c in zip(rows, counts):
+            assert c == 1 or -(-r // c) >= min_rows // 2, (rows, counts)  # no split of a few rows
         if tasks >= target:
             assert counts == (1, 1, 1)
-        elif sum(rows) >= target // tasks * min_rows:
-            assert tasks * sum(counts) >= target // 2, (rows, counts)  # enough blocks to fill the GPU
+        # Each kernel fills the device on its own when the rows allow it.
+        sparse_rows = rows[1] + rows[2]
+        assert tasks * counts[0] >= min(target, tasks * (rows[0] // min_rows)) // 2, (rows, counts)
+        assert tasks * (counts[1] + counts[2]) >= min(target, tasks * (sparse_rows // min_rows)) // 2, (rows, counts)
 
 
 @pytest.mark.parametrize("l,d,l_sel", CONFIGS)

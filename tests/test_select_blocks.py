@@ -11,7 +11,7 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import cu_seqlens, poisoned_outputs, seqlens_kwargs
+from utils import DEVICES, cu_seqlens, poisoned_outputs, seqlens_kwargs
 
 OPS = torch.ops.nsa
 
@@ -53,6 +53,11 @@ class Inputs:
         lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return Inputs(self.q.to(dtype), self.k_cmp.to(dtype), self.lse.to(lse_dtype), self.k_lens,
                       self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
+
+    def to_device(self, device) -> "Inputs":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Inputs(self.q.to(device), self.k_cmp.to(device), self.lse.to(device), self.k_lens,
+                      move(self.cu_seqlens_q), move(self.cu_seqlens_k), self.max_seqlen_q, self.max_seqlen_k)
 
 
 def make_inputs(q_lens, k_lens, heads_q, heads_k, dim, cfg, packed, seed, scale=None, extra_rows=0) -> Inputs:
@@ -172,15 +177,17 @@ def _shape_id(shape):
            f"s{cfg.select_block}n{cfg.select_count}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_matches_reference(shape, dtype, packed):
+def test_matches_reference(shape, dtype, packed, device):
     q_lens, k_lens, hq, hk, dk, cfg = shape
     x = make_inputs(q_lens, k_lens, hq, hk, dk, cfg, packed, seed=hash((q_lens[0], k_lens[0], hq, dk)) % 2**31)
     with poisoned_outputs():
-        actual = run(x.to(dtype), cfg)
-    differing = check_selection(actual, x, cfg, rel=1e-9 if dtype == torch.float64 else 1e-5)
+        actual = run(x.to(dtype).to_device(device), cfg)
+    assert actual.device.type == device
+    differing = check_selection(actual.cpu(), x, cfg, rel=1e-9 if dtype == torch.float64 else 1e-5)
     if dtype == torch.float64:
         assert differing == 0  # no near-ties at fp64 on random data: the picks are the reference's
 

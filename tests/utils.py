@@ -229,3 +229,12 @@ def check_deterministic_across_thread_counts(run_once):
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert torch.equal(a, c)
+
+
+def check_bitwise_reruns(run_once, runs: int = 3):
+    """run_once() -> tuple of tensors gives bitwise the same results every time (no atomics whose order
+    changes from run to run)."""
+    first = run_once()
+    for _ in range(runs - 1):
+        for a, c in zip(first, run_once()):
+            assert torch.equal(a, c)

@@ -20,17 +20,20 @@ struct DecodeSplits {
   NSA_HOST_DEVICE int64_t total() const { return compressed + selected + window; }
 };
 
-// Enough splits per branch that the tasks' splits fill about `target_blocks` thread blocks, but at
-// least `min_rows` rows per split (below that, the combine costs more than the split saves). The row
-// counts are the most a task can have per branch.
+// Splits per task: the compressed kernel's blocks, and the sparse kernel's (selected and window splits
+// together), each aim at `target_blocks` over all tasks, with at least `min_rows` rows per split
+// (below that, the combine costs more than the split saves). The row counts are the most a task can
+// have per branch; min_rows >= 1.
 NSA_HOST_DEVICE DecodeSplits plan_decode_splits(int64_t tasks, int64_t target_blocks, int64_t min_rows,
                                                 int64_t token_rows, int64_t selected_rows, int64_t window_rows) {
-  const int64_t total = token_rows + selected_rows + window_rows;
   const int64_t wanted = tasks >= target_blocks ? 1 : ceil_div(target_blocks, tasks);  // splits per task
-  int64_t per_split = ceil_div(total, wanted);
-  if (per_split < min_rows) per_split = min_rows;
-  const auto count = [per_split](int64_t rows) { return rows > per_split ? ceil_div(rows, per_split) : int64_t(1); };
-  return {count(token_rows), count(selected_rows), count(window_rows)};
+  const auto rows_per_split = [wanted, min_rows](int64_t rows) {
+    const int64_t per = ceil_div(rows, wanted);
+    return per > min_rows ? per : min_rows;
+  };
+  const auto count = [](int64_t rows, int64_t per) { return rows > per ? ceil_div(rows, per) : int64_t(1); };
+  const int64_t compressed_rows = rows_per_split(token_rows), sparse_rows = rows_per_split(selected_rows + window_rows);
+  return {count(token_rows, compressed_rows), count(selected_rows, sparse_rows), count(window_rows, sparse_rows)};
 }
 
 // Split `index` of `splits` over `rows` rows: [begin, end), near-equal parts in order.

@@ -18,10 +18,13 @@ Rows ("ops"):
 
 Baselines: ``sdpa`` is ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` at the same
 shape and dtype (flash/cuDNN on GPU), or for ``layer`` the dense layer, or for ``decode`` one query
-over the full cache. ``flex`` is FlexAttention (compiled) with the branch's mask as a block mask
-(window, compressed, selection); ``fla`` is fla's Triton ``parallel_nsa`` given the same block ids
-(selection, CUDA only). Both are used when importable (``flex`` by default only on CUDA: on CPU it
-has no backward and its compile takes a minute per shape; ask for it with ``--baselines sdpa,flex``). Speedup = baseline time / our time.
+over the full cache. ``copy`` (decode only) is a device copy that moves as many bytes as the step
+must read, so its "x copy" is the step's bandwidth as a fraction of a plain copy's. ``flex`` is
+FlexAttention (compiled) with the branch's mask as a block mask (window, compressed, selection);
+``fla`` is fla's Triton ``parallel_nsa`` given the same block ids (selection, CUDA only). Both are
+used when importable (``flex`` by default only on CUDA: on CPU it has no backward and its compile
+takes a minute per shape; ask for it with ``--baselines sdpa,flex``). Speedup = baseline time / our
+time.
 
 Timing: median of ``--repeats`` runs after ``--warmup`` runs, CUDA events on GPU; the inputs rotate
 over ``--input-sets`` copies so that caches don't flatter repeated runs. TFLOP/s counts only the
@@ -431,6 +434,22 @@ def sdpa_decode_baseline(case: Case, mode: str, sets: int, gen: torch.Generator)
     return Step(lambda: _sdpa(*next(turn), causal=False))
 
 
+def copy_decode_baseline(case: Case, mode: str, sets: int, gen: torch.Generator) -> Step:
+    """A device copy moving as many bytes as the decoding step must read (half read, half written), so
+    that "x copy" is the step's bandwidth as a fraction of a plain copy's, measured in the same run."""
+    moved = decode_workload(case, mode, 1, gen).read_bytes
+    elements = max(1, int(moved // 8))  # float32: elements * 4 bytes read + the same written
+    pairs = [(torch.rand(elements, generator=gen).to(case.device), torch.empty(elements, device=case.device))
+             for _ in range(sets)]
+    turn = itertools.cycle(pairs)
+
+    def run():
+        src, dst = next(turn)
+        dst.copy_(src)
+
+    return Step(run)
+
+
 def flex_available(device: str) -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -532,9 +551,11 @@ WORKLOADS: Dict[str, Workload] = {
                           {"sdpa": sdpa_baseline, "flex": flex_baseline("selection"), "fla": fla_selection_baseline}),
     "nsa": Workload(nsa_workload, ALL_NSA_OPS, {"sdpa": sdpa_baseline}),
     "layer": Workload(layer_workload, ALL_NSA_OPS, {"sdpa": dense_layer_baseline}),
-    "decode": Workload(decode_workload, ("decode_attention",), {"sdpa": sdpa_decode_baseline}, modes=("fwd",)),
+    "decode": Workload(decode_workload, ("decode_attention",), {"sdpa": sdpa_decode_baseline,
+                                                                 "copy": copy_decode_baseline}, modes=("fwd",)),
 }
-BASELINE_AVAILABLE = {"sdpa": lambda device: True, "flex": flex_available, "fla": fla_available}
+BASELINE_AVAILABLE = {"sdpa": lambda device: True, "copy": lambda device: True, "flex": flex_available,
+                      "fla": fla_available}
 
 
 def has_kernels(op: str, device: str) -> bool:
@@ -715,7 +736,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help=f"subset of {','.join(WORKLOADS)} (default: those with kernels on the device)")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help=f"subset of {','.join(MODES)}")
     parser.add_argument("--baselines", default=None,
-                        help="subset of sdpa,flex,fla (default: sdpa, plus flex and fla on CUDA when importable)")
+                        help="subset of sdpa,copy,flex,fla (default: sdpa and copy, plus flex and fla on CUDA "
+                             "when importable)")
     parser.add_argument("--heads", type=int, default=16, help="query heads Hq")
     parser.add_argument("--kv-heads", type=int, default=4, help="kv heads Hk (ignored with --groups)")
     parser.add_argument("--groups", default=None, help="comma-separated G = Hq / Hk to sweep")
@@ -764,7 +786,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"baselines not importable here, left out: {missing}")
         baselines = [b for b in baselines if b not in missing]
     else:
-        baselines = ["sdpa"] + [b for b in ("flex", "fla") if cuda and BASELINE_AVAILABLE[b](args.device)]
+        baselines = ["sdpa", "copy"] + [b for b in ("flex", "fla") if cuda and BASELINE_AVAILABLE[b](args.device)]
     warmup, repeats = (0, 1) if args.quick else (args.warmup, args.repeats)
     config = nsa_ext.NSAConfig(compress_block=args.compress_block, compress_stride=args.compress_stride,
                                select_block=args.select_block, select_count=args.select_count, window=args.window)
