@@ -105,6 +105,9 @@ else
     # The issue's target: bf16, T = 64k, Hq = 64, Hk = 4, D = 128, window 512 and compressed d = 16.
     step bench-target 120 "$python" -m nsa_ext.bench --device cuda --dtype bfloat16 --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dim 128
+    # Issue 8's decoding target: batch 32, context 64k, Hq = 64, Hk = 4, Dk = 192, Dv = 128 ("x copy" >= 0.8).
+    step bench-decode 60 "$python" -m nsa_ext.bench --device cuda --ops decode --seqlens 65536 --heads 64 \
+      --kv-heads 4 --head-dims 192/128 --decode-batch 32
     step bench 120 "$python" -m nsa_ext.bench --device cuda
     # Selected-block attention per group size, default tiles (64 / G positions packed) vs one position
     # per tile (G rows padded to 16): the packing trade-off of csrc/cuda/selection/config.h.
@@ -123,6 +126,7 @@ echo
 note "summary after $(elapsed)s:"
 for line in "${summary[@]}"; do note "  $line"; done
 if [ -f "$logdir/bench-target.log" ]; then echo; echo "== target shape =="; cat "$logdir/bench-target.log"; fi
+if [ -f "$logdir/bench-decode.log" ]; then echo; echo "== decoding target =="; cat "$logdir/bench-decode.log"; fi
 if [ -f "$logdir/bench.log" ]; then echo; echo "== python -m nsa_ext.bench --device cuda =="; cat "$logdir/bench.log"; fi
 for f in "$logdir"/bench-selection-*.log; do
   [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) (p0: default tile, p1: one position per tile) =="; tail -n 3 "$f"; }
