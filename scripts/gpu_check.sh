@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One-shot verification of nsa_ext's CUDA kernels on a bare GPU machine (H200: torch, Python, nvcc,
-# no network), well within 8 minutes:
+# no network), within a time budget (GPU_CHECK_BUDGET seconds, default 480):
 #   scripts/gpu_check.sh LOGDIR
 # 1. builds the extension for sm_90a only with every core (scripts/build_direct.py);
-# 2. runs the CUDA tests, then the whole suite;
+# 2. runs the CUDA tests;
 # 3. runs compute-sanitizer memcheck and racecheck on one small case per kernel family;
-# 4. prints the benchmark last: the issue's target shape, then `python -m nsa_ext.bench --device cuda`.
-# Full logs go to LOGDIR. Without a GPU it still builds and runs the CPU-side tests, and says which
-# steps it skipped. The exit status is non-zero when a step that ran failed.
+# 4. benchmarks the issues' target shapes (tiled branches, decoding);
+# 5. with the time left: the whole suite, the default benchmark sweep, selection tiles per group size.
+# Each step's time limit shrinks to what the budget has left, and steps are skipped once it is spent,
+# so the most important results come back first. The benchmark tables are printed last. Full logs go
+# to LOGDIR. Without a GPU it still builds and runs the CPU-side tests, and says which steps it
+# skipped. The exit status is non-zero when a step that ran failed.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -29,16 +32,24 @@ if [ -z "$python" ]; then
   exit 1
 fi
 jobs=$(nproc)
+budget=${GPU_CHECK_BUDGET:-480}
 start=$(date +%s)
 declare -a summary=()
 failed=0
 
 note() { echo "gpu_check: $*" | tee -a "$logdir/summary.txt"; }
 elapsed() { echo $(( $(date +%s) - start )); }
-# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with its output in LOGDIR/NAME.log.
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with its output in LOGDIR/NAME.log, for at most
+# LIMIT_SECONDS or what the budget has left; skipped (status 1) when less than 15 s are left.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$(( budget - $(elapsed) ))
+  if [ $left -lt 15 ]; then
+    skip "$name" "the ${budget}s budget is spent"
+    return 1
+  fi
+  [ $limit -gt $left ] && limit=$left
   local t0=$(date +%s)
   note "[$(elapsed)s] $name: running (log: $logdir/$name.log)"
   timeout --kill-after=10 "$limit" "$@" >"$logdir/$name.log" 2>&1
@@ -75,12 +86,11 @@ if [ $built -ne 0 ]; then
 else
   "$python" -c "import nsa_ext, json; print(json.dumps(nsa_ext.build_info()))" 2>&1 | tee -a "$logdir/summary.txt"
 
-  # --- 2. tests ----------------------------------------------------------------------------------
+  # --- 2. CUDA tests ------------------------------------------------------------------------------
   if [ "$has_gpu" = 1 ]; then
     step tests-cuda 360 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_selection.py \
       tests/test_cuda_select_blocks.py tests/test_cuda_build.py tests/test_fragment_layout.py \
       tests/test_selection_index_math.py tests/test_decode_split_math.py tests/test_decode_attention.py
-    step tests-all 200 "$python" -m pytest -q -rs tests
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"
     step tests-cpu 300 "$python" -m pytest -q -rs tests
@@ -100,14 +110,15 @@ else
     done
   fi
 
-  # --- 4. benchmark, last ------------------------------------------------------------------------
+  # --- 4. the issues' target shapes, 5. whatever the budget leaves -----------------------------------
   if [ "$has_gpu" = 1 ]; then
-    # The issue's target: bf16, T = 64k, Hq = 64, Hk = 4, D = 128, window 512 and compressed d = 16.
+    # The tiled branches' target: bf16, T = 64k, Hq = 64, Hk = 4, D = 128, window 512, compressed d = 16.
     step bench-target 120 "$python" -m nsa_ext.bench --device cuda --dtype bfloat16 --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dim 128
     # Issue 8's decoding target: batch 32, context 64k, Hq = 64, Hk = 4, Dk = 192, Dv = 128 ("x copy" >= 0.8).
     step bench-decode 60 "$python" -m nsa_ext.bench --device cuda --ops decode --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dims 192/128 --decode-batch 32
+    step tests-all 200 "$python" -m pytest -q -rs tests
     step bench 120 "$python" -m nsa_ext.bench --device cuda
     # Selected-block attention per group size, default tiles (64 / G positions packed) vs one position
     # per tile (G rows padded to 16): the packing trade-off of csrc/cuda/selection/config.h.
