@@ -13,7 +13,8 @@
 //      split's rows of the picked blocks (keys s <= t) or of the window (t - w < s <= t);
 //   4. decode_combine_kernel, one block per task: each branch's partials merged in split order, the
 //      gated sum written once in the output dtype.
-// Decoding is bound by memory, not by tensor cores: warps take key rows, lanes split the head dim.
+// Decoding is bound by memory, not by tensor cores: a thread takes a key row and eight heads of the
+// group for the scores, a value column and eight heads for the output, so no shuffles are needed.
 // Lengths are clamped to the caches' capacities (a host check would cost a sync per step), so no
 // cache_seqlens value reads out of bounds. No atomics: reruns are bitwise equal.
 #include <ATen/ATen.h>
@@ -35,12 +36,11 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;           // key rows per online-softmax step
-constexpr int kMaxDimPerLane = 8;    // head dims up to 256: a lane holds 8 elements of a key row
-constexpr int kBlocksPerSm = 4;      // the splits aim at this many thread blocks per SM
+constexpr int kHeadsPerPass = 8;     // heads whose dot products or outputs a thread keeps in registers
+constexpr int kBlocksPerSm = 3;      // splits aim at this many blocks per SM (~130 registers/thread fit 3)
 constexpr int64_t kMinSplitRows = 2 * kChunk;
 
 using baseline::fast_exp;
-using baseline::warp_sum;
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -98,41 +98,72 @@ struct Rows {
   }
 };
 
-// Shared memory of the attention kernels, carved from the dynamic allocation: 8-byte items first, so
-// that every array is aligned whatever the sizes (attend_smem_bytes counts the same items).
+NSA_HOST_DEVICE int64_t round_up(int64_t value, int64_t multiple) { return ceil_div(value, multiple) * multiple; }
+
+// Shared memory of the attention kernels, carved from the dynamic allocation (attend_smem_bytes counts
+// the same items). Heads are padded to a multiple of kHeadsPerPass and the query dim to a multiple of
+// 4, with zeros, so that threads read them as aligned vectors without bounds checks.
 template <typename acc_t>
 struct AttendSmem {
-  KeyRange* ranges;     // [n] key ranges of the branch
-  int64_t* range_end;   // [n] their cumulative row counts
-  int64_t* chunk_keys;  // [kChunk] key row of each row of the current chunk
-  acc_t* queries;       // [G][Dk], pre-scaled
-  acc_t* acc;           // [G][Dv]
-  acc_t* max;           // [G] running max
-  acc_t* sum;           // [G] running sum
-  acc_t* alpha;         // [G] rescale factor of the current chunk
-  acc_t* scores;        // [G][kChunk] scores, then exp(score - max), of the current chunk
+  acc_t* queries;          // [heads_padded][dim_padded], pre-scaled
+  acc_t* scores;           // [kChunk][heads_padded] scores, then exp(score - max), of the current chunk
+  KeyRange* ranges;        // [n] key ranges of the branch
+  int64_t* range_end;      // [n] their cumulative row counts
+  int64_t* key_offsets;    // [kChunk] element offset of each key row of the current chunk
+  int64_t* value_offsets;  // [kChunk] and of its value row
+  acc_t* acc;              // [G][Dv]
+  acc_t* max;              // [G] running max
+  acc_t* sum;              // [G] running sum
+  acc_t* alpha;            // [G] rescale factor of the current chunk
+  int heads_padded, dim_padded;
+};
+
+struct AttendSizes {
+  int64_t heads_padded, dim_padded;
+  __host__ __device__ explicit AttendSizes(const DecodeParams& p)
+      : heads_padded(round_up(p.num_heads_q / p.num_heads_k, kHeadsPerPass)), dim_padded(round_up(p.head_dim_qk, 4)) {}
 };
 
 int64_t attend_smem_bytes(const DecodeParams& p, int64_t acc_bytes) {
+  const AttendSizes z(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
-  return p.selection.select_count * static_cast<int64_t>(sizeof(KeyRange) + sizeof(int64_t)) +
-         kChunk * static_cast<int64_t>(sizeof(int64_t)) +
-         group * (p.head_dim_qk + p.head_dim_v + 3 + kChunk) * acc_bytes;
+  return (z.heads_padded * (z.dim_padded + kChunk) + group * (p.head_dim_v + 3)) * acc_bytes +
+         p.selection.select_count * static_cast<int64_t>(sizeof(KeyRange) + sizeof(int64_t)) +
+         2 * kChunk * static_cast<int64_t>(sizeof(int64_t));
 }
 
 template <typename acc_t>
 __device__ AttendSmem<acc_t> carve_attend(unsigned char* raw, const DecodeParams& p, int64_t group) {
+  const AttendSizes z(p);
   AttendSmem<acc_t> s;
-  s.ranges = reinterpret_cast<KeyRange*>(raw);
+  s.heads_padded = static_cast<int>(z.heads_padded);
+  s.dim_padded = static_cast<int>(z.dim_padded);
+  s.queries = reinterpret_cast<acc_t*>(raw);
+  s.scores = s.queries + z.heads_padded * z.dim_padded;
+  // Both arrays above span a multiple of 32 elements, so what follows stays 16-byte aligned.
+  s.ranges = reinterpret_cast<KeyRange*>(s.scores + kChunk * z.heads_padded);
   s.range_end = reinterpret_cast<int64_t*>(s.ranges + p.selection.select_count);
-  s.chunk_keys = s.range_end + p.selection.select_count;
-  s.queries = reinterpret_cast<acc_t*>(s.chunk_keys + kChunk);
-  s.acc = s.queries + group * p.head_dim_qk;
+  s.key_offsets = s.range_end + p.selection.select_count;
+  s.value_offsets = s.key_offsets + kChunk;
+  s.acc = reinterpret_cast<acc_t*>(s.value_offsets + kChunk);
   s.max = s.acc + group * p.head_dim_v;
   s.sum = s.max + group;
   s.alpha = s.sum + group;
-  s.scores = s.alpha + group;
   return s;
+}
+
+// N consecutive values from 16-byte aligned shared memory, as 16-byte loads.
+template <int N, typename T>
+__device__ __forceinline__ void load_aligned(const T* src, T (&dst)[N]) {
+  using Vec = std::conditional_t<std::is_same_v<T, double>, double2, float4>;
+  constexpr int kPer = sizeof(Vec) / sizeof(T);
+  static_assert(N % kPer == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int v = 0; v < N / kPer; ++v) {
+    const Vec vec = reinterpret_cast<const Vec*>(src)[v];
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) dst[v * kPer + e] = reinterpret_cast<const T*>(&vec)[e];
+  }
 }
 
 // One thread block's online softmax over some rows of one branch, for the whole group.
@@ -141,44 +172,50 @@ struct Attend {
   const DecodeParams& p;
   AttendSmem<acc_t> s;
   Task t;
-  int warp, lane;
 
-  __device__ Attend(const DecodeParams& params, unsigned char* smem)
-      : p(params), t(params), warp(threadIdx.x / 32), lane(threadIdx.x % 32) {
+  __device__ Attend(const DecodeParams& params, unsigned char* smem) : p(params), t(params) {
     s = carve_attend<acc_t>(smem, p, t.group);
     const scalar_t* q = static_cast<const scalar_t*>(p.q);
     const int dk = static_cast<int>(p.head_dim_qk), group = static_cast<int>(t.group);
-    for (int e = threadIdx.x; e < group * dk; e += kThreads) {
-      const int g = e / dk, x = e % dk;
-      s.queries[e] = static_cast<acc_t>(q[p.q_strides.offset(t.b, t.query, t.head_k * t.group + g) + x]) *
-                     acc_t(p.scale);
+    for (int e = threadIdx.x; e < s.heads_padded * s.dim_padded; e += kThreads) {
+      const int g = e / s.dim_padded, x = e % s.dim_padded;
+      const int64_t head = t.head_k * t.group + g;
+      const bool real = g < group && x < dk;  // else padding
+      s.queries[e] = real ? static_cast<acc_t>(q[p.q_strides.offset(t.b, t.query, head) + x]) * acc_t(p.scale)
+                          : acc_t(0);
     }
   }
 
-  // Scores of rows [c0, c0 + rows) against the group's queries into s.scores[g][r]; their key rows
-  // stay in s.chunk_keys for the values.
+  // Scores of rows [c0, c0 + rows) against the group's queries into s.scores[r][g], the rows' key and
+  // value offsets into s.key_offsets / s.value_offsets. A thread takes one row and kHeadsPerPass heads:
+  // the lanes of a warp read different rows and the same queries (a shared-memory broadcast), so the
+  // dot products need no shuffles.
   __device__ void chunk_scores(const Rows& src, int64_t c0, int rows) {
-    const int64_t dk = p.head_dim_qk;
-    for (int r = threadIdx.x; r < rows; r += kThreads) s.chunk_keys[r] = src.key_row(c0 + r);
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+      const int64_t key = src.key_row(c0 + r);
+      s.key_offsets[r] = src.k_strides.offset(t.b, key, t.head_k);
+      s.value_offsets[r] = src.v_strides.offset(t.b, key, t.head_k);
+    }
     __syncthreads();
-    for (int r = warp; r < rows; r += kWarps) {
-      const scalar_t* key = static_cast<const scalar_t*>(src.k) + src.k_strides.offset(t.b, s.chunk_keys[r], t.head_k);
-      acc_t k_lane[kMaxDimPerLane];
+    const int dk = static_cast<int>(p.head_dim_qk);
+    const scalar_t* keys = static_cast<const scalar_t*>(src.k);
+    for (int item = threadIdx.x; item < rows * (s.heads_padded / kHeadsPerPass); item += kThreads) {
+      const int r = item % rows, g0 = item / rows * kHeadsPerPass;
+      const scalar_t* key = keys + s.key_offsets[r];
+      acc_t dot[kHeadsPerPass] = {};
+      for (int x = 0; x < s.dim_padded; x += 4) {
+        acc_t k[4];
 #pragma unroll
-      for (int e = 0; e < kMaxDimPerLane; ++e) {
-        const int64_t x = lane + 32 * e;
-        k_lane[e] = x < dk ? static_cast<acc_t>(key[x]) : acc_t(0);
-      }
-      for (int64_t g = 0; g < t.group; ++g) {
-        acc_t dot = 0;
+        for (int e = 0; e < 4; ++e) k[e] = x + e < dk ? static_cast<acc_t>(key[x + e]) : acc_t(0);
 #pragma unroll
-        for (int e = 0; e < kMaxDimPerLane; ++e) {
-          const int64_t x = lane + 32 * e;
-          if (x < dk) dot += s.queries[g * dk + x] * k_lane[e];
+        for (int i = 0; i < kHeadsPerPass; ++i) {
+          acc_t q[4];
+          load_aligned(s.queries + (g0 + i) * s.dim_padded + x, q);
+          dot[i] += q[0] * k[0] + q[1] * k[1] + q[2] * k[2] + q[3] * k[3];
         }
-        dot = warp_sum(dot);
-        if (lane == 0) s.scores[g * kChunk + r] = dot;
       }
+#pragma unroll
+      for (int i = 0; i < kHeadsPerPass; ++i) s.scores[r * s.heads_padded + g0 + i] = dot[i];
     }
   }
 
@@ -201,13 +238,14 @@ struct Attend {
       chunk_scores(src, c0, rows);
       __syncthreads();
       for (int g = threadIdx.x; g < group; g += kThreads) {
-        acc_t* row = s.scores + g * kChunk;
+        acc_t* column = s.scores + g;  // s.scores[r][g] at column[r * heads_padded]
         acc_t top = s.max[g];
-        for (int r = 0; r < rows; ++r) top = max(top, row[r]);
+        for (int r = 0; r < rows; ++r) top = max(top, column[r * s.heads_padded]);
         acc_t total = 0;
         for (int r = 0; r < rows; ++r) {
-          row[r] = fast_exp(row[r] - top);
-          if (r >= skip) total += row[r];
+          const acc_t prob = fast_exp(column[r * s.heads_padded] - top);
+          column[r * s.heads_padded] = prob;
+          if (r >= skip) total += prob;
         }
         s.alpha[g] = fast_exp(s.max[g] - top);  // 0 on the first chunk (max was -inf)
         s.sum[g] = s.sum[g] * s.alpha[g] + total;
@@ -215,15 +253,24 @@ struct Attend {
       }
       __syncthreads();
       each_chunk(c0, rows);
-      for (int e = threadIdx.x; e < group * dv; e += kThreads) {
-        const int g = e / dv, x = e % dv;
-        acc_t a = s.acc[e] * s.alpha[g];
+      // A thread takes one output column x and kHeadsPerPass heads: each value is read once per pass.
+      const scalar_t* values = static_cast<const scalar_t*>(src.v);
+      for (int item = threadIdx.x; item < dv * (s.heads_padded / kHeadsPerPass); item += kThreads) {
+        const int x = item % dv, g0 = item / dv * kHeadsPerPass;
+        acc_t out[kHeadsPerPass];
+#pragma unroll
+        for (int i = 0; i < kHeadsPerPass; ++i)
+          out[i] = g0 + i < group ? s.acc[(g0 + i) * dv + x] * s.alpha[g0 + i] : acc_t(0);
         for (int r = skip; r < rows; ++r) {
-          const scalar_t* value =
-              static_cast<const scalar_t*>(src.v) + src.v_strides.offset(t.b, s.chunk_keys[r], t.head_k);
-          a += s.scores[g * kChunk + r] * static_cast<acc_t>(value[x]);
+          const acc_t value = static_cast<acc_t>(values[s.value_offsets[r] + x]);
+          acc_t prob[kHeadsPerPass];
+          load_aligned(s.scores + r * s.heads_padded + g0, prob);
+#pragma unroll
+          for (int i = 0; i < kHeadsPerPass; ++i) out[i] += prob[i] * value;
         }
-        s.acc[e] = a;
+#pragma unroll
+        for (int i = 0; i < kHeadsPerPass; ++i)
+          if (g0 + i < group) s.acc[(g0 + i) * dv + x] = out[i];
       }
       __syncthreads();
     }
@@ -272,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_compressed_kernel(const __
       const int reach = max(static_cast<int>(split.scored_begin), j * block_chunks - token_chunks + 1);
       acc_t total = 0;
       for (int r = max(reach - chunk, 0); r < min(count, (j + 1) * block_chunks - chunk); ++r)
-        total += acc_t(sel.overlap(c0 + r, j)) * a.s.scores[g * kChunk + r];
+        total += acc_t(sel.overlap(c0 + r, j)) * a.s.scores[r * a.s.heads_padded + g];
       const int64_t slot = g * w.max_blocks + j;
       if (reach < chunk) total += block_sum[slot] * fast_exp(block_max[slot] - a.s.max[g]);
       block_sum[slot] = total;
@@ -467,8 +514,6 @@ void launch(Kernel kernel, int64_t splits, int64_t smem, const DecodeParams& p, 
 }  // namespace
 
 void decode_attention_cuda(const DecodeParams& p, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(p.head_dim_qk <= 32 * kMaxDimPerLane, "nsa: argument 'q' must have a head dim Dk <= ",
-                    32 * kMaxDimPerLane, " for the CUDA decoding kernels, got ", p.head_dim_qk);
   TORCH_CHECK_VALUE(p.num_seqs * p.num_queries <= 65535 && p.num_heads_k <= 65535, "nsa: argument 'q' has ",
                     p.num_seqs, " sequences of ", p.num_queries, " new queries and ", p.num_heads_k,
                     " kv heads: the CUDA decoding kernels take at most 65535 (sequence, query) pairs and kv heads");
