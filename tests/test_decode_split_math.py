@@ -1,11 +1,13 @@
 """The split math of the CUDA decoding kernels (common/decode_split.h), run on the host through test
 hooks: split counts, even row splits, and the compressed branch's splits, whose blocks and tokens
 must be cut so that every token's softmax term is counted once and every block's score (Eq. 9) is
-summed by one split alone, chunk after chunk as decode_compressed_kernel does."""
+summed by one split alone, chunk after chunk as decode_compressed_kernel does; and that algorithm in
+fp64, merged as the later kernels merge it, against the direct softmax and block scores."""
 
 import itertools
 
 import pytest
+import torch
 
 from nsa_ext import _C
 
@@ -78,3 +80,57 @@ def _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_en
             updates.append((c0, [c0 + r for r in rows if overlap(c0 + r, j, l, d, l_sel)], reach < c0))
     assert [t for _, ts, _ in updates for t in ts] == meeting
     assert [continued for _, _, continued in updates] == [False] + [True] * (len(updates) - 1)
+
+
+@pytest.mark.parametrize("l,d,l_sel", CONFIGS)
+@pytest.mark.parametrize("splits,chunk", [(1, CHUNK), (3, 5), (7, 2)])
+def test_split_walk_reproduces_lse_block_scores_and_output(l, d, l_sel, splits, chunk):
+    """decode_compressed_kernel's algorithm in fp64 (splits of the shared split math, chunks of `chunk`
+    tokens with running max, block sums continued across chunks) merged as decode_select_kernel and
+    decode_combine_kernel merge it, against the direct softmax and Eq. 9 over all tokens."""
+    gen = torch.Generator().manual_seed(l * 1000 + d * 10 + splits)
+    group, dim, tokens = 3, 8, 61
+    q = torch.randn(group, dim, dtype=torch.float64, generator=gen) * 2
+    k = torch.randn(tokens, dim, dtype=torch.float64, generator=gen)
+    v = torch.randn(tokens, dim, dtype=torch.float64, generator=gen)
+    scores = q @ k.T  # [group, tokens]
+    blocks = (tokens - 1 + l // d - 1) // (l_sel // d) + 1
+    weights = torch.tensor([[overlap(t, j, l, d, l_sel) for j in range(blocks)] for t in range(tokens)],
+                           dtype=torch.float64)  # [tokens, blocks]
+
+    records, block_sum, block_max = [], {}, {}
+    block_chunks, token_chunks = l_sel // d, l // d
+    for s in range(splits):
+        split = _C._compressed_split(tokens, splits, s, l, d, l_sel)
+        block_begin, block_end, token_begin, token_end, scored_begin = split
+        top = torch.full((group,), float("-inf"), dtype=torch.float64)
+        total, out = torch.zeros(group, dtype=torch.float64), torch.zeros(group, dim, dtype=torch.float64)
+        for c0 in range(scored_begin, token_end, chunk):
+            rows = torch.arange(c0, min(c0 + chunk, token_end))
+            new_top = torch.maximum(top, scores[:, rows].max(1).values)
+            prob, alpha = (scores[:, rows] - new_top[:, None]).exp(), (top - new_top).exp()
+            owned = rows >= token_begin
+            total = total * alpha + prob[:, owned].sum(1)
+            out = out * alpha[:, None] + prob[:, owned] @ v[rows[owned]]
+            top = new_top
+            first = max(block_begin, c0 // block_chunks)
+            last = min(block_end - 1, (int(rows[-1]) + token_chunks - 1) // block_chunks)
+            for j in range(first, last + 1):
+                reach = max(scored_begin, j * block_chunks - token_chunks + 1)
+                part = prob @ weights[rows, j]
+                if reach < c0:
+                    part = part + block_sum[j] * (block_max[j] - top).exp()
+                block_sum[j], block_max[j] = part, top.clone()
+        records.append((top, total, out))
+
+    merged_top = torch.stack([r[0] for r in records]).max(0).values
+    factors = [(r[0] - merged_top).exp() for r in records]
+    total = sum(f * r[1] for f, r in zip(factors, records))
+    out = sum(f[:, None] * r[2] for f, r in zip(factors, records)) / total[:, None]
+    lse = merged_top + total.log()
+    torch.testing.assert_close(lse, scores.logsumexp(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out, scores.softmax(1) @ v, rtol=1e-12, atol=1e-14)
+    assert sorted(block_sum) == list(range(blocks))  # every block summed, by one split
+    block_scores = torch.stack([(block_sum[j] * (block_max[j] - lse).exp()).sum() for j in range(blocks)])
+    expected = ((scores - lse[:, None]).exp().sum(0) @ weights)  # Eq. 9 summed over the group
+    torch.testing.assert_close(block_scores, expected, rtol=1e-12, atol=1e-15)
