@@ -9,17 +9,16 @@ import itertools
 import pytest
 import torch
 
-from nsa_ext import _C
+from nsa_ext import _C, reference
 
 CHUNK = 64  # kChunk of cuda/decode_attention.cu
 # (l, d, l'): the paper's, small ones, l = d = l', and l > l' (a token meets up to three blocks).
 CONFIGS = [(32, 16, 64), (8, 4, 16), (8, 8, 8), (16, 8, 32), (32, 8, 16), (4, 1, 64)]
 
 
-def overlap(token, block, l, d, l_sel):
-    """Chunks of d keys that token i ([i*d, i*d + l)) and block j ([j*l', (j+1)*l')) share."""
-    lo, hi = max(token, block * (l_sel // d)), min(token + l // d, (block + 1) * (l_sel // d))
-    return max(0, hi - lo)
+def num_blocks(tokens, l, d, l_sel):
+    """Selection blocks that tokens [0, tokens) meet."""
+    return (tokens - 1 + l // d - 1) // (l_sel // d) + 1 if tokens else 0
 
 
 def test_even_split_cuts_rows_in_order():
@@ -50,7 +49,8 @@ def test_split_counts_fill_the_device_with_enough_rows_each(tasks):
 @pytest.mark.parametrize("l,d,l_sel", CONFIGS)
 def test_compressed_splits_own_every_token_once_and_sum_whole_blocks(l, d, l_sel):
     for tokens, splits in itertools.product([0, 1, 2, 3, 5, 17, 64, 65, 130, 200], [1, 2, 3, 7]):
-        blocks = (tokens - 1 + l // d - 1) // (l_sel // d) + 1 if tokens else 0
+        blocks = num_blocks(tokens, l, d, l_sel)
+        weights = reference.overlap_weights(tokens, blocks, l, d, l_sel)  # Eq. 9's w(token, block)
         parts = [_C._compressed_split(tokens, splits, s, l, d, l_sel) for s in range(splits)]
         assert parts[0][0] == 0 and parts[-1][1] == blocks
         assert parts[0][2] == 0 and parts[-1][3] == tokens
@@ -60,12 +60,12 @@ def test_compressed_splits_own_every_token_once_and_sum_whole_blocks(l, d, l_sel
             assert 0 <= scored_begin <= token_begin <= token_end <= tokens
             assert token_begin - scored_begin <= max(0, l // d - 1)
             for j in range(block_begin, block_end):
-                meeting = [t for t in range(tokens) if overlap(t, j, l, d, l_sel)]
+                meeting = weights[:, j].nonzero().flatten().tolist()
                 assert meeting and scored_begin <= meeting[0] and meeting[-1] < token_end
-                _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_end, l, d, l_sel)
+                _check_chunk_walk(j, meeting, weights, scored_begin, token_end, block_begin, block_end, l, d, l_sel)
 
 
-def _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_end, l, d, l_sel):
+def _check_chunk_walk(j, meeting, weights, scored_begin, token_end, block_begin, block_end, l, d, l_sel):
     """The kernel's walk over chunks of CHUNK scored tokens: block j is updated by exactly the chunks
     holding its tokens, the first of them starts its sum and the later ones continue it."""
     block_chunks, token_chunks = l_sel // d, l // d
@@ -77,7 +77,7 @@ def _check_chunk_walk(j, meeting, scored_begin, token_end, block_begin, block_en
         last = min(block_end - 1, (c0 + count - 1 + token_chunks - 1) // block_chunks)
         if first <= j <= last:
             rows = range(max(reach - c0, 0), min(count, (j + 1) * block_chunks - c0))
-            updates.append((c0, [c0 + r for r in rows if overlap(c0 + r, j, l, d, l_sel)], reach < c0))
+            updates.append((c0, [c0 + r for r in rows if weights[c0 + r, j]], reach < c0))
     assert [t for _, ts, _ in updates for t in ts] == meeting
     assert [continued for _, _, continued in updates] == [False] + [True] * (len(updates) - 1)
 
@@ -94,9 +94,8 @@ def test_split_walk_reproduces_lse_block_scores_and_output(l, d, l_sel, splits, 
     k = torch.randn(tokens, dim, dtype=torch.float64, generator=gen)
     v = torch.randn(tokens, dim, dtype=torch.float64, generator=gen)
     scores = q @ k.T  # [group, tokens]
-    blocks = (tokens - 1 + l // d - 1) // (l_sel // d) + 1
-    weights = torch.tensor([[overlap(t, j, l, d, l_sel) for j in range(blocks)] for t in range(tokens)],
-                           dtype=torch.float64)  # [tokens, blocks]
+    blocks = num_blocks(tokens, l, d, l_sel)
+    weights = reference.overlap_weights(tokens, blocks, l, d, l_sel)  # [tokens, blocks]
 
     records, block_sum, block_max = [], {}, {}
     block_chunks, token_chunks = l_sel // d, l // d

@@ -58,6 +58,28 @@ struct Partials {
   int64_t max_blocks;  // selection blocks of a full cache
 };
 
+// Records [first, last) of a task (`base`: its first record) for head g merged as flash-decoding
+// combines splits: their common max, and their sums and, for a column x >= 0, their outputs, each
+// rescaled to that max. sum stays 0 when no record saw a key.
+template <typename acc_t>
+struct Merged {
+  acc_t top, sum, value;
+};
+
+template <typename acc_t>
+__device__ Merged<acc_t> merge_records(const Partials<acc_t>& w, int64_t base, int64_t group, int64_t dv, int64_t g,
+                                       int64_t first, int64_t last, int64_t x) {
+  Merged<acc_t> m{-INFINITY, 0, 0};
+  for (int64_t r = first; r < last; ++r) m.top = max(m.top, w.max[(base + r) * group + g]);
+  if (m.top == -INFINITY) return m;
+  for (int64_t r = first; r < last; ++r) {
+    const acc_t factor = fast_exp(w.max[(base + r) * group + g] - m.top);
+    m.sum += factor * w.sum[(base + r) * group + g];
+    if (x >= 0) m.value += factor * w.out[((base + r) * group + g) * dv + x];
+  }
+  return m;
+}
+
 // The task of this thread block: grid (split, kv head, sequence * TQ + query).
 struct Task {
   int64_t b, query, head_k, group, id;
@@ -186,6 +208,14 @@ struct Attend {
     }
   }
 
+  // The branch's rows as one key range [begin, end), written by thread 0 (the caller syncs).
+  __device__ void set_single_range(int64_t begin, int64_t end) {
+    if (threadIdx.x == 0) {
+      s.ranges[0] = {begin, end};
+      s.range_end[0] = end - begin;
+    }
+  }
+
   // Scores of rows [c0, c0 + rows) against the group's queries into s.scores[r][g], the rows' key and
   // value offsets into s.key_offsets / s.value_offsets. A thread takes one row and kHeadsPerPass heads:
   // the lanes of a warp read different rows and the same queries (a shared-memory broadcast), so the
@@ -296,10 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_compressed_kernel(const __
   const BlockSelection& sel = p.selection;
   const int64_t tokens = a.t.visible_tokens(p);
   const CompressedSplit split = compressed_split(sel, tokens, w.splits.compressed, blockIdx.x);
-  if (threadIdx.x == 0) {
-    a.s.ranges[0] = {0, tokens};
-    a.s.range_end[0] = tokens;
-  }
+  a.set_single_range(0, tokens);
   __syncthreads();
   const Rows rows{p.k_cmp, p.v_cmp, p.k_cmp_strides, p.v_cmp_strides, a.s.ranges, a.s.range_end, 1};
   // Token and block ids fit in int (cache_seqlens is int32); 32-bit division is inline, 64-bit a call.
@@ -359,13 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const __grid
 
   const int64_t base = t.id * w.splits.total();
   for (int64_t g = threadIdx.x; g < group; g += kThreads) {
-    acc_t top = -INFINITY;
-    for (int64_t r = 0; r < w.splits.compressed; ++r) top = max(top, w.max[(base + r) * group + g]);
-    acc_t total = 0;
-    if (top > -INFINITY)
-      for (int64_t r = 0; r < w.splits.compressed; ++r)
-        total += fast_exp(w.max[(base + r) * group + g] - top) * w.sum[(base + r) * group + g];
-    s.lse[g] = total > 0 ? top + log(total) : -INFINITY;
+    const Merged<acc_t> m = merge_records(w, base, group, 0, g, 0, w.splits.compressed, -1);
+    s.lse[g] = m.sum > 0 ? m.top + log(m.sum) : -INFINITY;
   }
   __syncthreads();
 
@@ -454,10 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sparse_kernel(const __grid
   } else if (t.position >= 0) {
     const int64_t window_begin = imax(0, t.position + 1 - p.window);
     rows = t.position + 1 - window_begin;
-    if (threadIdx.x == 0) {
-      a.s.ranges[0] = {window_begin, t.position + 1};
-      a.s.range_end[0] = rows;
-    }
+    a.set_single_range(window_begin, t.position + 1);
   }
   __syncthreads();
   const KeyRange part = window ? even_split(rows, w.splits.window, blockIdx.x - w.splits.selected)
@@ -486,17 +505,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const __gri
     const int64_t head = t.head_k * group + g;
     acc_t result = 0;
     for (int branch = 0; branch < 3; ++branch) {
-      acc_t top = -INFINITY;
-      for (int64_t r = bounds[branch]; r < bounds[branch + 1]; ++r) top = max(top, w.max[(base + r) * group + g]);
-      if (top == -INFINITY) continue;  // the branch saw no key
-      acc_t sum = 0, value = 0;
-      for (int64_t r = bounds[branch]; r < bounds[branch + 1]; ++r) {
-        const acc_t factor = fast_exp(w.max[(base + r) * group + g] - top);
-        sum += factor * w.sum[(base + r) * group + g];
-        value += factor * w.out[((base + r) * group + g) * dv + x];
+      const Merged<acc_t> m = merge_records(w, base, group, dv, g, bounds[branch], bounds[branch + 1], x);
+      if (m.sum > 0) {  // else the branch saw no key
+        const acc_t gate = static_cast<acc_t>(gates[p.gate_strides.offset(t.b, t.query, head) + branch]);
+        result += gate * m.value / m.sum;
       }
-      const acc_t gate = static_cast<acc_t>(gates[p.gate_strides.offset(t.b, t.query, head) + branch]);
-      if (sum > 0) result += gate * value / sum;
     }
     out[p.out_strides.offset(t.b, t.query, head) + x] = static_cast<scalar_t>(result);
   }
