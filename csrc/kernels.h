@@ -18,6 +18,16 @@ struct DecodeParams;  // common/decode_params.h, kept out of the CUDA files' inc
 void decode_attention_cpu(const DecodeParams& params, at::ScalarType dtype);
 
 #ifdef NSA_WITH_CUDA
+// Whether t's op runs the CUDA kernels: on CUDA devices, and for CPU tensors in the emulation build
+// (csrc/emulation/simt.h).
+inline bool uses_cuda_kernels(const at::Tensor& t) {
+#ifdef NSA_EMULATE_CUDA
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 void decode_attention_cuda(const DecodeParams& params, at::ScalarType dtype);
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);

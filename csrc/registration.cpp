@@ -14,6 +14,9 @@
 #include "common/mma_layout.h"
 #include "common/selection.h"
 #include "common/tile_schedule.h"
+#ifdef NSA_EMULATE_CUDA
+#include "emulation/simt.h"
+#endif
 
 TORCH_LIBRARY(nsa, m) {
   m.set_python_module("nsa_ext.ops");
@@ -119,7 +122,13 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict info;
     info["version"] = NSA_VERSION;
     info["torch_version"] = NSA_TORCH_VERSION;
-#ifdef NSA_WITH_CUDA
+    info["emulated_cuda"] = false;
+#if defined(NSA_EMULATE_CUDA)
+    info["cuda_kernels"] = true;
+    info["cuda_version"] = pybind11::none();
+    info["cuda_archs"] = "emulated";
+    info["emulated_cuda"] = true;  // the CUDA kernels run on the CPU (csrc/emulation/simt.h)
+#elif defined(NSA_WITH_CUDA)
     info["cuda_kernels"] = true;
     info["cuda_version"] = NSA_CUDA_VERSION;
     info["cuda_archs"] = NSA_CUDA_ARCHS;
@@ -130,6 +139,22 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+#ifdef NSA_EMULATE_CUDA
+  m.def(
+      "_emulation_counters",
+      [] {
+        nsa::emu::Counters& c = nsa::emu::counters();
+        pybind11::dict d;
+        d["launches"] = c.launches;
+        d["blocks"] = c.blocks;
+        d["mma"] = c.mma;
+        d["ldmatrix"] = c.ldmatrix;
+        d["cp_async"] = c.cp_async;
+        c = nsa::emu::Counters{};
+        return d;
+      },
+      "what the emulated CUDA kernels ran since the last call (launches, blocks, warp mma / ldmatrix, cp.async)");
+#endif
   // Test hooks for the CUDA kernels' index math, which runs identically on the host.
   m.def("_fragment_layout", &fragment_layout, "mma.m16n8k16 / ldmatrix fragment table: [lane][element] -> (row, col)");
   m.def(

@@ -9,10 +9,10 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import (LOW_PRECISION, assert_within_torch_error, check_bitwise_reruns, cu_seqlens, grads, max_error,
-                   poisoned_outputs, random_batch)
+from utils import (GPU, LOW_PRECISION, assert_within_torch_error, check_bitwise_reruns, check_tensor_core_kernels,
+                   cu_seqlens, grads, max_error, poisoned_outputs, random_batch, requires_device, requires_gpu)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = requires_gpu
 
 OPS = torch.ops.nsa
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (192, 128)]
@@ -59,9 +59,9 @@ def check_against_reference(fn, exact, dtype, gen, with_dlse=True):
     exact_res = forward_backward(fn, reference, ref_in, cot_out, cot_lse)
     torch_res = forward_backward(fn, reference, exact.to(dtype, requires_grad=True), cot_out, cot_lse)
     with poisoned_outputs():
-        ours = forward_backward(fn, nsa_ext, exact.to(dtype, "cuda", requires_grad=True), cot_out, cot_lse)
+        ours = forward_backward(fn, nsa_ext, exact.to(dtype, GPU, requires_grad=True), cot_out, cot_lse)
     for name, a, t, e in zip(NAMES, ours, torch_res, exact_res):
-        assert a.dtype == (torch.float32 if name == "lse" else dtype) and a.is_cuda
+        assert a.dtype == (torch.float32 if name == "lse" else dtype) and a.device.type == GPU
         assert_within_torch_error(a.cpu(), t, e, name=name)
 
 
@@ -96,6 +96,7 @@ def test_window_tile_boundaries(window):
     check_against_reference(window_fn(window), exact, torch.bfloat16, gen, with_dlse=False)
 
 
+@requires_device
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_matches_cpu_kernel(dtype):
     gen = torch.Generator().manual_seed(1)
@@ -115,7 +116,7 @@ def test_rows_that_see_nothing():
     # TQ > TK puts early queries before position 0; compressed early queries see no token.
     gen = torch.Generator().manual_seed(2)
     b = random_batch([70], [40], 4, 4, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
-    x = b.to(torch.bfloat16, "cuda", requires_grad=True)
+    x = b.to(torch.bfloat16, GPU, requires_grad=True)
     with poisoned_outputs():
         out, lse = nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=8, max_seqlen_q=70, max_seqlen_k=40)
     assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
@@ -128,10 +129,10 @@ def test_rows_that_see_nothing():
 def test_bitwise_deterministic(dims):
     gen = torch.Generator().manual_seed(3)
     b = random_batch([500], [500], 16, 2, dims[0], dims[1], packed=False, dtype=torch.bfloat16, generator=gen)
-    dout = torch.randn(1, 500, 16, dims[1], generator=gen).to(torch.bfloat16).cuda()
+    dout = torch.randn(1, 500, 16, dims[1], generator=gen).to(GPU, torch.bfloat16)
 
     def run_once():
-        x = b.to(torch.bfloat16, "cuda", requires_grad=True)
+        x = b.to(torch.bfloat16, GPU, requires_grad=True)
         out, lse = nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=128)
         return (out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v)))
 
@@ -140,22 +141,20 @@ def test_bitwise_deterministic(dims):
 
 def test_tiled_kernels_are_the_ones_that_run():
     gen = torch.Generator().manual_seed(4)
-    b = random_batch([64], [64], 4, 2, 128, 128, packed=False, dtype=torch.bfloat16, generator=gen)
-    x = b.to(torch.bfloat16, "cuda", requires_grad=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out, _ = nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=16)
-        out.sum().backward()
-        torch.cuda.synchronize()
-    names = " ".join(e.name for e in prof.events())
-    for kernel in ("fwd_kernel", "delta_kernel", "dq_kernel", "dkv_kernel"):
-        assert f"tiled::{kernel}" in names, kernel
+    b = random_batch([64], [64], 4, 2, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
+    x = b.to(torch.bfloat16, GPU, requires_grad=True)
+    out = []
+    check_tensor_core_kernels(
+        [lambda: out.append(nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=16)[0]),
+         lambda: out[0].sum().backward()],
+        [f"tiled::{kernel}" for kernel in ("fwd_kernel", "delta_kernel", "dq_kernel", "dkv_kernel")])
 
 
 def test_unaligned_rows_fall_back_to_the_baseline():
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(1, 50, 4, 72, generator=gen).to(torch.bfloat16)
-    q = base[..., 4:68].cuda()  # row starts 8 bytes off 16-byte alignment
-    k, v = (torch.randn(1, 50, 2, 64, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
+    q = base[..., 4:68].to(GPU)  # row starts 8 bytes off 16-byte alignment
+    k, v = (torch.randn(1, 50, 2, 64, generator=gen).to(GPU, torch.bfloat16) for _ in range(2))
     out, lse = nsa_ext.sliding_window_attention(q, k, v, window=9)
     ref_out, ref_lse = reference.sliding_window_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), window=9)
     assert max_error(out.cpu(), ref_out) < 3e-2 and max_error(lse.cpu(), ref_lse) < 1e-2
@@ -167,7 +166,7 @@ def test_opcheck():
         b = random_batch([33, 20], [33, 20] if packed else [33, 33], 4, 2, 64, 64, packed=packed, dtype=torch.bfloat16,
                          generator=gen) if packed else random_batch([33], [33], 4, 2, 64, 64, packed=False,
                                                                     dtype=torch.bfloat16, generator=gen)
-        x = b.to(torch.bfloat16, "cuda", requires_grad=True)
+        x = b.to(torch.bfloat16, GPU, requires_grad=True)
         seq = x.seqlens
         args = (x.q, x.k, x.v, 9, 0.125, seq["cu_seqlens_q"], seq["cu_seqlens_k"],
                 seq["max_seqlen_q"] or 33, seq["max_seqlen_k"] or 33)
@@ -187,7 +186,7 @@ def test_compile():
 
     gen = torch.Generator().manual_seed(7)
     b = random_batch([100], [100], 8, 2, 128, 128, packed=False, dtype=torch.bfloat16, generator=gen)
-    eager, comp = (b.to(torch.bfloat16, "cuda", requires_grad=True) for _ in range(2))
+    eager, comp = (b.to(torch.bfloat16, GPU, requires_grad=True) for _ in range(2))
     out, lse = nsa_ext.sliding_window_attention(eager.q, eager.k, eager.v, window=32)
     loss_eager = (out.float() * 2).sum() + lse.sum()
     loss = layer(comp.q, comp.k, comp.v)
@@ -197,11 +196,12 @@ def test_compile():
         torch.testing.assert_close(a, e)
 
 
+@requires_device
 def test_cuda_graph_capture():
     gen = torch.Generator().manual_seed(8)
     b = random_batch([128], [128], 8, 2, 64, 64, packed=False, dtype=torch.float16, generator=gen)
-    x = b.to(torch.float16, "cuda")
-    dout = torch.randn(1, 128, 8, 64, generator=gen).to(torch.float16).cuda()
+    x = b.to(torch.float16, GPU)
+    dout = torch.randn(1, 128, 8, 64, generator=gen).to(GPU, torch.float16)
     args = (x.q, x.k, x.v, 40, 0.125, None, None, 128, 128)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

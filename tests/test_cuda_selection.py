@@ -12,10 +12,11 @@ from nsa_ext import reference
 from nsa_ext.bench import nsa_like_indices
 
 from test_selection_attention import opcheck_samples, random_indices
-from utils import (LOW_PRECISION, assert_close_fp32, assert_within_torch_error, check_bitwise_reruns, check_opcheck,
-                   finite_cotangent, grads, max_error, poisoned_outputs, random_batch)
+from utils import (GPU, LOW_PRECISION, assert_close_fp32, assert_within_torch_error, check_bitwise_reruns,
+                   check_opcheck, check_tensor_core_kernels, finite_cotangent, grads, max_error, poisoned_outputs,
+                   random_batch, requires_device, requires_gpu)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = requires_gpu
 
 OPS = torch.ops.nsa
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (192, 128)]
@@ -43,13 +44,13 @@ def check_against_reference(run, exact, indices, dtype, gen, with_dlse=True):
     cot_lse = finite_cotangent(lse_ref, gen) if with_dlse else None
     exact_res = forward_backward(run, reference, ref_in, indices, cot_out, cot_lse)
     with poisoned_outputs():
-        ours = forward_backward(run, nsa_ext, exact.to(dtype, "cuda", requires_grad=True), indices.cuda(), cot_out,
+        ours = forward_backward(run, nsa_ext, exact.to(dtype, GPU, requires_grad=True), indices.to(GPU), cot_out,
                                 cot_lse)
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if dtype in LOW_PRECISION:
         torch_res = forward_backward(run, reference, exact.to(dtype, requires_grad=True), indices, cot_out, cot_lse)
     for i, (name, a, e) in enumerate(zip(NAMES, ours, exact_res)):
-        assert a.dtype == (lse_dtype if name == "lse" else dtype) and a.is_cuda
+        assert a.dtype == (lse_dtype if name == "lse" else dtype) and a.device.type == GPU
         if dtype in LOW_PRECISION:
             assert_within_torch_error(a.cpu(), torch_res[i], e, name=name)
         else:
@@ -110,6 +111,7 @@ def test_bad_ids_are_ignored():
     check_against_reference(fn(32), exact, idx, torch.float16, gen)
 
 
+@requires_device
 def test_matches_cpu_kernel():
     gen = torch.Generator().manual_seed(6)
     b = random_batch([300, 1, 0, 129], [300, 1, 0, 200], 16, 2, 128, 128, packed=True, dtype=torch.bfloat16,
@@ -130,11 +132,11 @@ def test_matches_cpu_kernel():
 def test_bitwise_deterministic(dtype):
     gen = torch.Generator().manual_seed(7)
     b = random_batch([700], [700], 16, 2, 128, 128, packed=False, dtype=dtype, generator=gen)
-    idx = nsa_like_indices(700, 2, 8, 64, gen).cuda()
-    dout = torch.randn(1, 700, 16, 128, generator=gen).to(dtype).cuda()
+    idx = nsa_like_indices(700, 2, 8, 64, gen).to(GPU)
+    dout = torch.randn(1, 700, 16, 128, generator=gen).to(dtype).to(GPU)
 
     def run_once():
-        x = b.to(dtype, "cuda", requires_grad=True)
+        x = b.to(dtype, GPU, requires_grad=True)
         out, lse = nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=64)
         return (out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (x.q, x.k, x.v)))
 
@@ -144,12 +146,12 @@ def test_bitwise_deterministic(dtype):
 def test_rows_that_see_nothing():
     gen = torch.Generator().manual_seed(8)
     b = random_batch([70], [40], 4, 2, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
-    x = b.to(torch.bfloat16, "cuda", requires_grad=True)
+    x = b.to(torch.bfloat16, GPU, requires_grad=True)
     idx = torch.full((1, 70, 2, 3), -1, dtype=torch.int32)
     idx[0, 30:, :, 0] = 0  # the first 30 queries (before position 0) and the -1 rows see nothing
     idx[0, 50:, 1, 0] = -1
     with poisoned_outputs():
-        out, lse = nsa_ext.selection_attention(x.q, x.k, x.v, idx.cuda(), select_block=16, max_seqlen_q=70,
+        out, lse = nsa_ext.selection_attention(x.q, x.k, x.v, idx.to(GPU), select_block=16, max_seqlen_q=70,
                                                max_seqlen_k=40)
     assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
     assert torch.isneginf(lse[:, :30]).all() and torch.isneginf(lse[:, 50:, 2:]).all()
@@ -160,24 +162,22 @@ def test_rows_that_see_nothing():
 
 def test_tiled_kernels_are_the_ones_that_run():
     gen = torch.Generator().manual_seed(9)
-    b = random_batch([128], [128], 4, 2, 128, 128, packed=False, dtype=torch.bfloat16, generator=gen)
-    x = b.to(torch.bfloat16, "cuda", requires_grad=True)
-    idx = nsa_like_indices(128, 2, 4, 32, gen).cuda()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out, _ = nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32)
-        out.sum().backward()
-        torch.cuda.synchronize()
-    names = " ".join(e.name for e in prof.events())
-    for kernel in ("fwd_kernel", "delta_kernel", "dq_kernel", "dkv_kernel"):
-        assert f"tiled::{kernel}" in names, kernel
-    assert "SelectionSchedule" in names and "SelectionKeyBlock" in names
+    b = random_batch([128], [128], 4, 2, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
+    x = b.to(torch.bfloat16, GPU, requires_grad=True)
+    idx = nsa_like_indices(128, 2, 4, 32, gen).to(GPU)
+    out = []
+    check_tensor_core_kernels(
+        [lambda: out.append(nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32)[0]),
+         lambda: out[0].sum().backward()],
+        [f"tiled::{kernel}" for kernel in ("fwd_kernel", "delta_kernel", "dq_kernel", "dkv_kernel")] +
+        ["SelectionSchedule", "SelectionKeyBlock"])
 
 
 def test_tile_positions_knob_gives_the_same_result(monkeypatch):
     gen = torch.Generator().manual_seed(10)
     b = random_batch([200], [200], 2, 2, 64, 64, packed=False, dtype=torch.float16, generator=gen)
-    idx = nsa_like_indices(200, 2, 6, 32, gen).cuda()
-    x = b.to(torch.float16, "cuda")
+    idx = nsa_like_indices(200, 2, 6, 32, gen).to(GPU)
+    x = b.to(torch.float16, GPU)
     base = nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32)
     for positions in ("1", "5", "64"):
         monkeypatch.setenv("NSA_SELECTION_TILE_POSITIONS", positions)
@@ -186,7 +186,7 @@ def test_tile_positions_knob_gives_the_same_result(monkeypatch):
 
 
 def test_opcheck():
-    samples = [tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in s) for s in opcheck_samples()]
+    samples = [tuple(a.to(GPU) if isinstance(a, torch.Tensor) else a for a in s) for s in opcheck_samples()]
     check_opcheck(OPS.selection_attention_fwd, OPS.selection_attention_bwd, samples, tensors_before_out=1)
 
 
@@ -200,8 +200,8 @@ def test_compile():
 
     gen = torch.Generator().manual_seed(11)
     b = random_batch([100], [100], 8, 2, 128, 128, packed=False, dtype=torch.bfloat16, generator=gen)
-    idx = nsa_like_indices(100, 2, 2, 64, gen).cuda()
-    eager, comp = (b.to(torch.bfloat16, "cuda", requires_grad=True) for _ in range(2))
+    idx = nsa_like_indices(100, 2, 2, 64, gen).to(GPU)
+    eager, comp = (b.to(torch.bfloat16, GPU, requires_grad=True) for _ in range(2))
     out, lse = nsa_ext.selection_attention(eager.q, eager.k, eager.v, idx, select_block=64)
     loss_eager = (out.float() * 2).sum() + lse.sum()
     loss = layer(comp.q, comp.k, comp.v, idx)

@@ -9,7 +9,7 @@ import torch
 import nsa_ext
 from nsa_ext import NSAConfig, reference
 
-from utils import assert_close_fp32, assert_within_torch_error, poisoned_outputs
+from utils import GPU, assert_close_fp32, assert_within_torch_error, poisoned_outputs, requires_device, requires_gpu
 
 CONFIGS = {
     "small": NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_count=4, init_blocks=1,
@@ -207,9 +207,9 @@ def test_compile_fullgraph():
     assert torch.equal(compiled(*c.values()), fused(c, cfg)[0])
 
 
-# --- CUDA (skipped without a GPU): the kernel against the CPU op and the reference ------------------
+# --- CUDA (skipped without a GPU or the emulation build): the kernels against the reference --------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = requires_gpu
 
 
 def _to(c, device, dtype=None):
@@ -217,10 +217,10 @@ def _to(c, device, dtype=None):
             for k, v in c.items()}
 
 
-def _check_cuda_matches_cpu_fp64(c, cfg):
+def _check_cuda_matches_reference_fp64(c, cfg):
     with poisoned_outputs():
-        out, indices = fused(_to(c, "cuda"), cfg)
-    expected, expected_indices = fused(c, cfg)
+        out, indices = fused(_to(c, GPU), cfg)
+    expected, expected_indices = per_sequence(c, cfg)
     assert torch.equal(indices.cpu(), expected_indices)
     assert_close_fp32(out.cpu(), expected, rel=1e-10, name="decode cuda fp64")
 
@@ -228,19 +228,19 @@ def _check_cuda_matches_cpu_fp64(c, cfg):
 @cuda
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("hq,hk,dk,dv", [(4, 2, 16, 8), (16, 1, 128, 128), (8, 8, 192, 128), (32, 4, 64, 256)])
-def test_cuda_matches_cpu_fp64(cfg_name, hq, hk, dk, dv):
+def test_cuda_matches_reference_fp64(cfg_name, hq, hk, dk, dv):
     cfg = CONFIGS[cfg_name]
-    _check_cuda_matches_cpu_fp64(make_cache(LENGTHS, 3, hq, hk, dk, dv, cfg, own_window=hq > 8, seed=hq + dk), cfg)
+    _check_cuda_matches_reference_fp64(make_cache(LENGTHS, 3, hq, hk, dk, dv, cfg, own_window=hq > 8, seed=hq + dk), cfg)
 
 
 @cuda
 @pytest.mark.parametrize("tq", [1, 4])
-def test_cuda_many_splits_match_cpu(tq):
+def test_cuda_many_splits_match_reference(tq):
     # Paper blocks over long, ragged caches: several compressed, selected and window splits per task
     # (at least 128 rows each), so blocks' tokens straddle chunks and splits, and empty splits occur.
     cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_count=16, init_blocks=1,
                     local_blocks=2, window=512)
-    _check_cuda_matches_cpu_fp64(make_cache([8192, 3001, 700, 20], tq, 8, 2, 64, 32, cfg, own_window=True, seed=21),
+    _check_cuda_matches_reference_fp64(make_cache([8192, 3001, 700, 20], tq, 8, 2, 64, 32, cfg, own_window=True, seed=21),
                                  cfg)
 
 
@@ -249,7 +249,7 @@ def test_cuda_many_splits_match_cpu(tq):
 def test_cuda_low_precision(dtype):
     cfg = CONFIGS["small"]
     c = make_cache(LENGTHS, 1, 16, 2, 128, 128, cfg, False, dtype=dtype, seed=8)
-    out, indices = fused(_to(c, "cuda"), cfg)
+    out, indices = fused(_to(c, GPU), cfg)
     as64 = _to(c, "cpu", torch.float64)
     exact, exact_indices = per_sequence(as64, cfg)
     assert torch.equal(indices.cpu(), exact_indices)
@@ -260,10 +260,11 @@ def test_cuda_low_precision(dtype):
 
 
 @cuda
+@requires_device
 def test_cuda_deterministic_and_graph_capturable():
     cfg = CONFIGS["small"]
     c = _to(make_cache([500, 64, 1000], 2, 16, 2, 128, 128, cfg, True, dtype=torch.bfloat16, seed=9,
-                       poison=float("nan")), "cuda")
+                       poison=float("nan")), GPU)
     first, second = fused(c, cfg), fused(c, cfg)
     assert torch.isfinite(first[0]).all()  # NaN rows past the live lengths were never read
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -279,5 +280,5 @@ def test_cuda_deterministic_and_graph_capturable():
 @cuda
 def test_cuda_opcheck():
     cfg = CONFIGS["small"]
-    c = _to(make_cache(LENGTHS, 2, 4, 2, 8, 16, cfg, True, dtype=torch.float32, poison=0.0), "cuda")
+    c = _to(make_cache(LENGTHS, 2, 4, 2, 8, 16, cfg, True, dtype=torch.float32, poison=0.0), GPU)
     torch.library.opcheck(torch.ops.nsa.decode_attention.default, _op_args(c, cfg))

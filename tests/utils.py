@@ -1,12 +1,22 @@
 """Shared test helpers: input generation in both layouts, the error rules, poisoned outputs."""
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA tests' device: "cuda", or "cpu" in a child of tests/test_cuda_emulated.py, which runs them
+# against the emulation build (scripts/emulate.sh), where CPU tensors take the CUDA kernels.
+EMULATED_CUDA = os.environ.get("NSA_TEST_EMULATED_CUDA") == "1"
+GPU = "cpu" if EMULATED_CUDA else "cuda"
+requires_gpu = pytest.mark.skipif(not (EMULATED_CUDA or torch.cuda.is_available()),
+                                  reason="needs a CUDA device (or the emulation build)")
+# CUDA graphs, the profiler, and comparisons with the CPU kernels (which the emulation build bypasses).
+requires_device = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
@@ -238,3 +248,25 @@ def check_bitwise_reruns(run_once, runs: int = 3):
     for _ in range(runs - 1):
         for a, c in zip(first, run_once()):
             assert torch.equal(a, c)
+
+
+def check_tensor_core_kernels(steps, names):
+    """The steps (callables, run one after another) launch kernels whose names contain each of `names`
+    (the profiler's kernel names). Under emulation, where kernels have no names, each step must run
+    tensor-core code instead: emulated mma, ldmatrix and cp.async instructions, which the emulation
+    build counts (a step that fell back to a baseline kernel runs none)."""
+    if EMULATED_CUDA:
+        import nsa_ext
+        for step in steps:
+            nsa_ext._C._emulation_counters()
+            step()
+            ran = nsa_ext._C._emulation_counters()
+            assert ran["mma"] > 0 and ran["ldmatrix"] > 0 and ran["cp_async"] > 0, ran
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for step in steps:
+            step()
+        torch.cuda.synchronize()
+    launched = " ".join(e.name for e in prof.events())
+    for name in names:
+        assert name in launched, name

@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.window = window;
   p.scale = scale;
 #ifdef NSA_WITH_CUDA
-  if (q.is_cuda()) {
+  if (uses_cuda_kernels(q)) {
     decode_attention_cuda(p, q.scalar_type());
     return {out, indices};
   }

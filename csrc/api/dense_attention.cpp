@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionInputs& in, const 
   ForwardState s = prepare_forward(in, described.params);
   if (!s.has_work) return {s.out, s.lse};
 #ifdef NSA_WITH_CUDA
-  if (in.q.is_cuda()) {
+  if (uses_cuda_kernels(in.q)) {
     dense_attention_fwd_cuda(s.params, in.q.scalar_type());
     return {s.out, s.lse};
   }
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const AttentionInput
   BackwardState s = prepare_backward(in, described.params, dout, dlse, out, lse);
   if (!s.has_work) return {s.dq, s.dk, s.dv};
 #ifdef NSA_WITH_CUDA
-  if (in.q.is_cuda()) {
+  if (uses_cuda_kernels(in.q)) {
     // rowsum(dout * out) - dlse per (row, head) for the tiled bf16 / fp16 kernels, laid out like lse.
     at::Tensor delta;
     if (in.q.scalar_type() == at::kHalf || in.q.scalar_type() == at::kBFloat16) {

@@ -98,7 +98,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
   p.index_strides = row_head_strides(indices, packed, true);
   if (indices.numel() == 0 || p.num_seqs == 0) return indices;
 #ifdef NSA_WITH_CUDA
-  if (q.is_cuda()) {
+  if (uses_cuda_kernels(q)) {
     select_blocks_cuda(p, q.scalar_type());
     return indices;
   }

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> selection_attention_fwd(
   ForwardState s = prepare_forward(in, d.inputs.params);
   if (!s.has_work) return {s.out, s.lse};
 #ifdef NSA_WITH_CUDA
-  if (q.is_cuda()) {
+  if (uses_cuda_kernels(q)) {
     selection_attention_fwd_cuda(s.params, d.selection, q.scalar_type());
     return {s.out, s.lse};
   }
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_attention_bwd(
   BackwardState s = prepare_backward(in, d.inputs.params, dout, dlse, out, lse);
   if (!s.has_work) return {s.dq, s.dk, s.dv};
 #ifdef NSA_WITH_CUDA
-  if (q.is_cuda()) {
+  if (uses_cuda_kernels(q)) {
     selection_attention_bwd_cuda(s.params, d.selection, q.scalar_type(), q, s.lse);
     return {s.dq, s.dk, s.dv};
   }

@@ -10,12 +10,9 @@
 //   QuerySet::for_each_query(p, seq, s, key, kv_head, visit(row)), rows ascending (dk, dv)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cuda_runtime.h>
 
 #include "common/attention_params.h"
+#include "cuda/runtime.h"
 
 namespace nsa {
 namespace baseline {
@@ -160,7 +157,11 @@ struct DkvRow {
       : p(params), s(span), k(row_of<scalar_t>(params.k, params.k_strides, span.batch, span.k_row_begin + key, kv_head)),
         v(row_of<scalar_t>(params.v, params.v_strides, span.batch, span.k_row_begin + key, kv_head)),
         dk_acc(accumulators), dv_acc(accumulators + params.head_dim_qk), lane(lane_id) {
-    for (int64_t d = lane; d < p.head_dim_qk + p.head_dim_v; d += 32) accumulators[d] = 0;
+    // Each lane zeroes the elements it accumulates and stores: no other lane touches them, so no
+    // barrier is needed (zeroing [0, Dk + Dv) in one lane-strided loop handed dv_acc's elements to
+    // other lanes when Dk % 32 != 0: a race that the CUDA emulator found).
+    for (int64_t d = lane; d < p.head_dim_qk; d += 32) dk_acc[d] = 0;
+    for (int64_t d = lane; d < p.head_dim_v; d += 32) dv_acc[d] = 0;
   }
   __device__ void add(int64_t row, int64_t head) {
     const int64_t r = s.q_row_begin + row;
@@ -190,7 +191,7 @@ __device__ __forceinline__ acc_t* warp_scratch(unsigned char* smem, int64_t per_
 
 template <typename scalar_t, typename acc_t, typename KeySet>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const typename KeySet::Params p) {
-  extern __shared__ unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   const WarpRow wr = warp_row(p.max_seqlen_q);
   const SeqSpan s = seq_span(p, wr.seq);
   if (wr.row >= s.q_len) return;
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const typename KeySet
 
 template <typename scalar_t, typename acc_t, typename KeySet>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const typename KeySet::BwdParams p) {
-  extern __shared__ unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   const WarpRow wr = warp_row(p.max_seqlen_q);
   const SeqSpan s = seq_span(p, wr.seq);
   if (wr.row >= s.q_len) return;
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const typename KeySet::Bwd
 // bitwise-reproducible.
 template <typename scalar_t, typename acc_t, typename QuerySet>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(const typename QuerySet::BwdParams p) {
-  extern __shared__ unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   const WarpRow wr = warp_row(p.max_key_rows);
   const SeqSpan s = seq_span(p, wr.seq);
   if (wr.row >= s.k_len) return;
@@ -240,8 +241,7 @@ void launch(Kernel kernel, const Params& p, dim3 grid, size_t smem_per_warp) {
   if (grid.x == 0) return;
   const size_t smem = smem_per_warp * kWarpsPerBlock;
   TORCH_CHECK(smem <= 48 * 1024, "nsa: head dims too large for the CUDA baseline kernel");
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, kThreads, smem, p);
 }
 
 template <typename scalar_t>

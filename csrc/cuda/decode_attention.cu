@@ -19,15 +19,11 @@
 // cache_seqlens value reads out of bounds. No atomics: reruns are bitwise equal.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cuda_runtime.h>
 
 #include "common/decode_params.h"
 #include "common/decode_split.h"
 #include "cuda/baseline.h"
+#include "cuda/runtime.h"
 #include "kernels.h"
 
 namespace nsa {
@@ -321,7 +317,7 @@ struct Attend {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1) decode_compressed_kernel(const __grid_constant__ DecodeParams p,
                                                                      const __grid_constant__ Partials<acc_t> w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Attend<scalar_t, acc_t> a(p, smem_raw);
   const BlockSelection& sel = p.selection;
   const int64_t tokens = a.t.visible_tokens(p);
@@ -374,7 +370,7 @@ int64_t select_smem_bytes(const DecodeParams& p, int64_t acc_bytes, int64_t max_
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const __grid_constant__ DecodeParams p,
                                                                  const __grid_constant__ Partials<acc_t> w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   const Task t(p);
   const BlockSelection& sel = p.selection;
   const int64_t group = t.group;
@@ -448,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const __grid
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1) decode_sparse_kernel(const __grid_constant__ DecodeParams p,
                                                                  const __grid_constant__ Partials<acc_t> w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Attend<scalar_t, acc_t> a(p, smem_raw);
   const BlockSelection& sel = p.selection;
   const Task& t = a.t;
@@ -517,11 +513,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const __gri
 
 template <typename Kernel, typename acc_t>
 void launch(Kernel kernel, int64_t splits, int64_t smem, const DecodeParams& p, const Partials<acc_t>& w) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.num_heads_k),
                   static_cast<unsigned>(p.num_seqs * p.num_queries));
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, w);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, kThreads, smem, p, w);
 }
 
 }  // namespace
@@ -530,21 +524,18 @@ void decode_attention_cuda(const DecodeParams& p, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(p.num_seqs * p.num_queries <= 65535 && p.num_heads_k <= 65535, "nsa: argument 'q' has ",
                     p.num_seqs, " sequences of ", p.num_queries, " new queries and ", p.num_heads_k,
                     " kv heads: the CUDA decoding kernels take at most 65535 (sequence, query) pairs and kv heads");
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  int sm_count = 0, smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const DeviceLimits device = current_device_limits();
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tasks = p.num_seqs * p.num_queries * p.num_heads_k;
   const int64_t max_blocks = num_select_blocks(p.key_capacity, p.selection.select_block);
   const DecodeSplits splits = plan_decode_splits(
-      tasks, int64_t(kBlocksPerSm) * sm_count, kMinSplitRows, p.token_capacity,
+      tasks, int64_t(kBlocksPerSm) * device.sm_count, kMinSplitRows, p.token_capacity,
       p.selection.select_count * p.selection.select_block, std::min(p.window, p.key_capacity));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_decode_attention_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const int64_t attend_smem = attend_smem_bytes(p, sizeof(acc_t));
     const int64_t select_smem = select_smem_bytes(p, sizeof(acc_t), max_blocks);
-    const int64_t limit = smem_limit;
+    const int64_t limit = device.smem_per_block;
     TORCH_CHECK_VALUE(attend_smem <= limit, "nsa: arguments 'q' and 'v_cache': a group of ", group,
                       " query heads with Dk = ", p.head_dim_qk, " and Dv = ", p.head_dim_v, " needs ", attend_smem,
                       " bytes of shared memory in the CUDA decoding kernels, more than the device's ", limit);
@@ -555,8 +546,7 @@ void decode_attention_cuda(const DecodeParams& p, at::ScalarType dtype) {
     const int64_t records = splits.total();
     const int64_t block_items = tasks * group * max_blocks;
     at::Tensor workspace = at::empty({tasks * records * group * (p.head_dim_v + 2) + 2 * block_items},
-                                     at::TensorOptions().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)
-                                         .device(at::kCUDA, device));
+                                     current_device_options(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
     Partials<acc_t> w;
     w.out = workspace.data_ptr<acc_t>();
     w.max = w.out + tasks * records * group * p.head_dim_v;

@@ -7,13 +7,10 @@
 // kernel (common/masks.h, common/attention_params.h): exact and deterministic, no tensor cores; it
 // serves fp32 / fp64, other head dims and unaligned rows.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cuda_runtime.h>
 
 #include "cuda/baseline.h"
 #include "cuda/dense/dispatch.h"
+#include "cuda/runtime.h"
 #include "kernels.h"
 
 namespace nsa {

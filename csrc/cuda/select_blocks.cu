@@ -14,14 +14,11 @@
 // Shared memory holds one query's token and block scores: TC + TK / l' values (48 KB + opt-in bound TK).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cuda_runtime.h>
 
 #include "common/selection.h"
 #include "cuda/baseline.h"
 #include "cuda/dense/dispatch.h"
+#include "cuda/runtime.h"
 #include "cuda/selection/config.h"
 #include "cuda/selection/select_kernel.h"
 #include "kernels.h"
@@ -59,7 +56,7 @@ __device__ __forceinline__ Pick<acc_t> warp_best(Pick<acc_t> p) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) select_kernel(const SelectParams p, int64_t max_tokens) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   acc_t* tokens = reinterpret_cast<acc_t*>(smem_raw);  // [max_tokens]
   acc_t* scores = tokens + max_tokens;                  // [max blocks]
   __shared__ Pick<acc_t> warp_picks[kWarps];
@@ -176,12 +173,8 @@ void select_blocks_cuda(const SelectParams& p, at::ScalarType dtype) {
     constexpr int64_t kMaxSmem = 160 * 1024;
     TORCH_CHECK(smem <= kMaxSmem, "nsa: select_blocks on CUDA holds one query's ", max_tokens, " token and ",
                 max_blocks, " block scores in shared memory, more than ", kMaxSmem, " bytes; use shorter keys");
-    auto kernel = select_kernel<scalar_t, acc_t>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<dim3(static_cast<unsigned>(grid), static_cast<unsigned>(p.num_heads_k)), kThreads, smem,
-             c10::cuda::getCurrentCUDAStream()>>>(p, max_tokens);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(p.num_heads_k));
+    launch_kernel(select_kernel<scalar_t, acc_t>, blocks, kThreads, smem, p, max_tokens);
   });
 }
 

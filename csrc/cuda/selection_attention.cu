@@ -16,14 +16,13 @@
 // Every dk / dv element is then summed by one thread (tiled) or warp (baseline) in query order:
 // bitwise-reproducible.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
 
 #include "common/selection.h"
 #include "cuda/baseline.h"
 #include "cuda/dense/dispatch.h"
+#include "cuda/runtime.h"
 #include "cuda/selection/config.h"
 #include "kernels.h"
 
@@ -105,9 +104,8 @@ std::pair<at::Tensor, at::Tensor> build_reverse_index(SelectionAttentionParams& 
   const int64_t blocks = (entries.numel() + kBlock - 1) / kBlock;
   if (blocks > 0) {
     TORCH_CHECK(blocks < (int64_t(1) << 31), "nsa: selection index too large for one launch");
-    reverse_entries_kernel<<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        p, index_rows, entries.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(reverse_entries_kernel, static_cast<unsigned>(blocks), kBlock, 0, p, index_rows,
+                  entries.data_ptr<int64_t>());
   }
   entries = std::get<0>(entries.sort());
   const at::Tensor firsts = at::arange(slots + 1, long_options) * (int64_t(1) << 32);  // reverse_entry(slot, 0)

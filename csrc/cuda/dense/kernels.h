@@ -108,8 +108,8 @@ template <typename Kt>
 void launch_fwd(const AttentionParams& p) {
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tiles = (p.max_seqlen_q * group + Kt::kRows - 1) / Kt::kRows;
-  launch(fwd_kernel<Kt, DenseSchedule<Kt::kBlockN>>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads,
-         Kt::kFwdSmem, p);
+  launch_kernel(fwd_kernel<Kt, DenseSchedule<Kt::kBlockN>>, checked_grid(p.num_seqs * tiles, p.num_heads_k),
+                Kt::kThreads, Kt::kFwdSmem, p);
 }
 
 template <typename Element, typename DqKt, typename DkvKt>
@@ -117,11 +117,11 @@ void launch_bwd(const AttentionBwdParams& p) {
   launch_delta<Element>(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t q_tiles = (p.max_seqlen_q * group + DqKt::kRows - 1) / DqKt::kRows;
-  launch(dq_kernel<DqKt, DenseSchedule<DqKt::kBlockN>>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k),
-         DqKt::kThreads, DqKt::kDqSmem, p);
+  launch_kernel(dq_kernel<DqKt, DenseSchedule<DqKt::kBlockN>>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k),
+                DqKt::kThreads, DqKt::kDqSmem, p);
   const int64_t k_tiles = (p.max_key_rows + DkvKt::kRows - 1) / DkvKt::kRows;
-  launch(dkv_kernel<DkvKt, DenseKeyBlock>, checked_grid(p.num_seqs * k_tiles, p.num_heads_k, DkvKt::kSplitD),
-         DkvKt::kThreads, DkvKt::kDkvSmem, p);
+  launch_kernel(dkv_kernel<DkvKt, DenseKeyBlock>, checked_grid(p.num_seqs * k_tiles, p.num_heads_k, DkvKt::kSplitD),
+                DkvKt::kThreads, DkvKt::kDkvSmem, p);
 }
 
 }  // namespace tiled

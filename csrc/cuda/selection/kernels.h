@@ -204,7 +204,7 @@ void launch_selection_fwd(const SelectionAttentionParams& p) {
   static_assert(kSmem <= kMaxSharedBytes, "selection forward exceeds shared memory");
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tiles = (p.max_seqlen_q * group + p.tile_rows - 1) / p.tile_rows;
-  launch(fwd_kernel<Kt, Schedule>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads, kSmem, p);
+  launch_kernel(fwd_kernel<Kt, Schedule>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads, kSmem, p);
 }
 
 template <typename Element, typename DqKt, typename DkvKt>
@@ -216,11 +216,12 @@ void launch_selection_bwd(const SelectionAttentionParams& p) {
   launch_delta<Element>(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t q_tiles = (p.max_seqlen_q * group + p.tile_rows - 1) / p.tile_rows;
-  launch(dq_kernel<DqKt, Schedule>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k), DqKt::kThreads, kDqSmem, p);
+  launch_kernel(dq_kernel<DqKt, Schedule>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k), DqKt::kThreads, kDqSmem,
+                p);
   const int64_t slices = (p.selection.block + DkvKt::kRows - 1) / DkvKt::kRows;
-  launch(dkv_kernel<DkvKt, SelectionKeyBlock>,
-         checked_grid(p.num_seqs * p.blocks_per_seq * slices, p.num_heads_k, DkvKt::kSplitD), DkvKt::kThreads,
-         DkvKt::kDkvSmem, p);
+  launch_kernel(dkv_kernel<DkvKt, SelectionKeyBlock>,
+                checked_grid(p.num_seqs * p.blocks_per_seq * slices, p.num_heads_k, DkvKt::kSplitD), DkvKt::kThreads,
+                DkvKt::kDkvSmem, p);
 }
 
 }  // namespace tiled

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(SelectTile<Element, kHeadDim>::kThreads)
     select_tiled_kernel(const SelectParams p, int64_t tile_rows) {
   using T = SelectTile<Element, kHeadDim>;
   constexpr int kM = T::kRows, kN = kSelectTokens, kS = T::kStride, kThreads = T::kThreads, kR = kSelectRing;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);            // [kM][kS]
   Element* sK = sQ + kM * kS;                                      // [2 stages][kN][kS]
   float* sP = reinterpret_cast<float*>(sK + 2 * kN * kS);          // [kM][kProbStride]
@@ -198,13 +198,8 @@ void launch_select(const SelectParams& p, int64_t tile_rows) {
   using T = SelectTile<Element, kHeadDim>;
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tiles = (p.max_seqlen_q * group + tile_rows - 1) / tile_rows;
-  auto kernel = select_tiled_kernel<Element, kHeadDim>;
-  const dim3 grid = checked_grid(p.num_seqs * tiles, p.num_heads_k);
-  if (grid.x == 0) return;
-  if (T::kSmem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem));
-  kernel<<<grid, T::kThreads, T::kSmem, c10::cuda::getCurrentCUDAStream()>>>(p, tile_rows);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(select_tiled_kernel<Element, kHeadDim>, checked_grid(p.num_seqs * tiles, p.num_heads_k), T::kThreads,
+                T::kSmem, p, tile_rows);
 }
 
 }  // namespace tiled

@@ -25,14 +25,13 @@
 //   needs_mask(step), visible(step, h, key): whether key is visible to this thread's row half h.
 // KeyBlock (dkv): see dkv_kernel.
 // c10 headers only, not ATen: the per-head-dim files then compile in a fraction of the time.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "cuda/runtime.h"
 #include "cuda/tile/device_utils.h"
 #include "cuda/tile/traits.h"
 
@@ -189,7 +188,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
   Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
@@ -302,7 +301,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sdO = sQ + kM * kSqk;                         // [kM][kSv]
   Element* sK = sdO + kM * kSv;                          // [2 stages][kN][kSqk]
@@ -400,7 +399,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dkv_kernel(const typename KeyBlo
   constexpr int kN = Kt::kRows, kM = Kt::kBlockM, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
   constexpr int kSliceQK = Kt::kSliceQK, kSliceV = Kt::kSliceV;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  NSA_DYNAMIC_SMEM(smem_raw);
   Element* sK = reinterpret_cast<Element*>(smem_raw);  // [kN][kSqk]
   Element* sV = sK + kN * kSqk;                          // [kN][kSv]
   Element* sQ = sV + kN * kSv;                           // [2 stages][kM][kSqk]
@@ -538,22 +537,11 @@ inline dim3 checked_grid(int64_t x, int64_t y, int64_t z = 1) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
 }
 
-template <typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, int threads, int smem, const Params& p) {
-  if (grid.x == 0 || grid.y == 0) return;
-  if (smem > 48 * 1024) {
-    // Above 48 KB dynamic shared memory must be opted into, per kernel (cheap; also inside graph capture).
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
-  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // The delta kernel every backward starts with (p.softmax_delta must be set).
 template <typename Element>
 void launch_delta(const AttentionBwdParams& p) {
   const int64_t blocks = (p.max_seqlen_q + kDeltaWarps - 1) / kDeltaWarps;
-  launch(delta_kernel<Element>, checked_grid(p.num_seqs * blocks, p.num_heads_q), kDeltaWarps * 32, 0, p);
+  launch_kernel(delta_kernel<Element>, checked_grid(p.num_seqs * blocks, p.num_heads_q), kDeltaWarps * 32, 0, p);
 }
 
 }  // namespace tiled

@@ -5,21 +5,31 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/mma_layout.h"
+#include "cuda/runtime.h"
 
 namespace nsa {
 namespace tiled {
 
+#ifndef NSA_EMULATE_CUDA
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // --- cp.async: 16-byte global -> shared copies that bypass registers ------------------------------
 
 // Copies 16 bytes, or writes 16 zero bytes when !valid (rows past a sequence end: zero keys give
 // finite scores that the mask removes, zero values give 0 * p = 0 instead of NaN * 0).
+#ifdef NSA_EMULATE_CUDA
+inline void cp_async_16(void* smem, const void* gmem, bool valid) { emu::cp_async_16(smem, gmem, valid); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int kPending>
+void cp_async_wait() { emu::cp_async_wait(kPending); }
+#else
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(valid ? 16 : 0));
@@ -27,6 +37,7 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+#endif
 
 // Loads a [kRows, kCols] tile, row r from row_ptr(r) (nullptr: zero row), into shared memory with
 // row stride kStride elements. Every thread of the block takes part.
@@ -48,6 +59,10 @@ __device__ __forceinline__ void load_tile_async(Element* smem, const Element* an
 
 // --- ldmatrix --------------------------------------------------------------------------------------
 
+#ifdef NSA_EMULATE_CUDA
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, true); }
+#else
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -58,6 +73,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem)));
 }
+#endif
 
 // --- mma.sync m16n8k16, f32 accumulators ----------------------------------------------------------
 
@@ -67,11 +83,15 @@ struct Mma;
 template <>
 struct Mma<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef NSA_EMULATE_CUDA
+    emu::mma_m16n8k16(d, a, b0, b1, true);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lower column) in the low half
@@ -82,11 +102,15 @@ struct Mma<__nv_bfloat16> {
 template <>
 struct Mma<__half> {
   __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef NSA_EMULATE_CUDA
+    emu::mma_m16n8k16(d, a, b0, b1, false);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
@@ -106,9 +130,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // 2^x by the hardware approximation (relative error ~2^-22); 2^-inf = +0, which masked scores rely on.
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef NSA_EMULATE_CUDA
+  return std::exp2(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // The four lanes of a quad (same groupID) hold the same accumulator rows: reduce across them.

@@ -1,0 +1,68 @@
+#pragma once
+// Everything the CUDA sources take from the CUDA runtime, in one place: kernel launches, dynamic
+// shared memory and device limits. With NSA_EMULATE_CUDA the same kernels compile as C++ and run on
+// the CPU under csrc/emulation/simt.h (scripts/emulate.sh, tests/test_cuda_emulated.py), which is
+// how they are tested on machines without a GPU.
+#include <c10/core/TensorOptions.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <utility>
+
+#ifdef NSA_EMULATE_CUDA
+#include "emulation/simt.h"
+// Blocks run one after another, so one buffer per launch is every block's dynamic shared memory.
+#define NSA_DYNAMIC_SMEM(name) unsigned char* const name = ::nsa::emu::dynamic_smem()
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#define NSA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace nsa {
+
+// Runs kernel<<<grid, block, smem, current stream>>>(args...); an empty grid launches nothing. Above
+// 48 KiB, dynamic shared memory must be opted into per kernel (cheap; also inside graph capture).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+#ifdef NSA_EMULATE_CUDA
+  emu::launch(grid, block, smem, [&] { kernel(args...); });
+#else
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+struct DeviceLimits {
+  int sm_count;
+  int smem_per_block;  // opt-in maximum of dynamic shared memory per block, bytes
+};
+
+// The current device's limits (an H200's under emulation).
+inline DeviceLimits current_device_limits() {
+#ifdef NSA_EMULATE_CUDA
+  return {emu::kSmCount, emu::kMaxSmemPerBlock};
+#else
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  DeviceLimits limits{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limits;
+#endif
+}
+
+// Options of a workspace tensor on the current device (the CPU under emulation).
+inline c10::TensorOptions current_device_options(c10::ScalarType dtype) {
+#ifdef NSA_EMULATE_CUDA
+  return c10::TensorOptions().dtype(dtype);
+#else
+  return c10::TensorOptions().dtype(dtype).device(c10::kCUDA, c10::cuda::current_device());
+#endif
+}
+
+}  // namespace nsa

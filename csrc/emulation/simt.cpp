@@ -1,0 +1,466 @@
+// The CUDA emulator of simt.h: fibers scheduled round-robin, one block at a time.
+#include "emulation/simt.h"
+
+#include <c10/util/Exception.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#error "the CUDA emulator switches fibers with x86-64 code"
+#endif
+
+// Saves the callee-saved registers and the SSE / x87 control words on the current stack, stores the
+// stack pointer in *from and resumes the fiber whose stack pointer is `to`. glibc's swapcontext does
+// the same plus a system call for the signal mask, which made it the emulator's main cost.
+extern "C" void nsa_emu_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl nsa_emu_switch
+  .hidden nsa_emu_switch
+  .type nsa_emu_switch, @function
+nsa_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size nsa_emu_switch, .-nsa_emu_switch
+)");
+
+namespace nsa {
+namespace emu {
+namespace {
+
+// Kernels keep whole fragment arrays in locals; unoptimised frames of the unrolled loops are large.
+constexpr size_t kStackBytes = size_t(1) << 20;
+constexpr size_t kGuardBytes = 4096;  // below each stack, no access: an overflow faults
+constexpr size_t kSmemAlignment = 128;
+constexpr unsigned char kPoison = 0xff;  // NaN in bf16, fp16, fp32 and fp64; -1 in integers
+
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;  // null: zero-fill
+};
+
+struct Fiber {
+  void* sp = nullptr;  // saved stack pointer while suspended
+  Indices indices;
+  bool done = false;
+  bool waiting = false;
+  std::vector<Copy> open_group;                 // cp.async since the last commit
+  std::deque<std::vector<Copy>> committed;      // oldest first
+};
+
+struct WarpState {
+  unsigned arrived = 0;
+  unsigned mask = 0;
+  const char* op = nullptr;
+  Combine combine = nullptr;
+  const void* inputs[32];
+  void* outputs[32];
+  std::vector<int> waiters;
+};
+
+// Thrown inside a fiber to end it after an emulation error (the launch then reports the error).
+struct FiberAbort {};
+
+struct Stacks {
+  std::vector<unsigned char*> bases;
+  ~Stacks() {
+    for (unsigned char* base : bases) munmap(base, kStackBytes + kGuardBytes);
+  }
+  unsigned char* get(size_t i) {
+    while (bases.size() <= i) {
+      void* base = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(base != MAP_FAILED, "nsa emulator: cannot map a fiber stack");
+      TORCH_CHECK(mprotect(base, kGuardBytes, PROT_NONE) == 0, "nsa emulator: cannot protect a stack guard page");
+      bases.push_back(static_cast<unsigned char*>(base));
+    }
+    return bases[i] + kGuardBytes;
+  }
+};
+
+struct Launch {
+  const std::function<void()>* body = nullptr;
+  size_t smem_bytes = 0;
+  std::unique_ptr<unsigned char, decltype(&std::free)> smem{nullptr, &std::free};
+  std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
+  int barrier_arrived = 0;
+  std::vector<int> barrier_waiters;
+  int live = 0;
+  int current = -1;
+  void* scheduler_sp = nullptr;
+  std::string error;
+};
+
+thread_local Launch* g_launch = nullptr;
+thread_local Counters g_counters;
+thread_local Stacks g_stacks;
+
+Launch& running() {
+  TORCH_CHECK(g_launch != nullptr && g_launch->current >= 0, "nsa emulator: device code called outside a launch");
+  return *g_launch;
+}
+
+std::string where(const Launch& l, int id) {
+  const Indices& i = l.fibers[id].indices;
+  std::ostringstream s;
+  s << "block (" << i.block_idx.x << ", " << i.block_idx.y << ", " << i.block_idx.z << ") thread (" << i.thread_idx.x
+    << ", " << i.thread_idx.y << ", " << i.thread_idx.z << ")";
+  return s.str();
+}
+
+[[noreturn]] void fail(const std::string& message) {
+  Launch& l = running();
+  if (l.error.empty()) l.error = where(l, l.current) + ": " + message;
+  throw FiberAbort{};
+}
+
+void wait(Launch& l, int id) {
+  l.fibers[id].waiting = true;
+  nsa_emu_switch(&l.fibers[id].sp, l.scheduler_sp);
+}
+
+void release(Launch& l, std::vector<int>& waiters) {
+  for (int id : waiters) l.fibers[id].waiting = false;
+  waiters.clear();
+}
+
+void release_barrier_if_complete(Launch& l) {
+  if (l.barrier_arrived > 0 && l.barrier_arrived == l.live) {
+    l.barrier_arrived = 0;
+    release(l, l.barrier_waiters);
+  }
+}
+
+[[noreturn]] void fiber_main() {
+  Launch& l = *g_launch;
+  const int id = l.current;
+  try {
+    (*l.body)();
+  } catch (const FiberAbort&) {
+  } catch (const std::exception& e) {
+    if (l.error.empty()) l.error = where(l, id) + ": " + e.what();
+  }
+  l.fibers[id].done = true;
+  --l.live;
+  release_barrier_if_complete(l);
+  nsa_emu_switch(&l.fibers[id].sp, l.scheduler_sp);  // never resumed
+  __builtin_unreachable();
+}
+
+// A stack on which nsa_emu_switch "returns" into fiber_main, aligned as after a call.
+void* initial_stack(unsigned char* base, size_t bytes) {
+  auto* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(base + bytes) & ~uintptr_t(15));
+  *--sp = 0;                                          // fiber_main's return address: it never returns
+  *--sp = reinterpret_cast<uint64_t>(&fiber_main);    // popped by nsa_emu_switch's ret
+  for (int reg = 0; reg < 6; ++reg) *--sp = 0;        // rbp rbx r12 r13 r14 r15
+  *--sp = uint64_t(0x037f) << 32 | 0x1f80;            // x87 control word, MXCSR: the defaults
+  return sp;
+}
+
+std::string deadlock_report(const Launch& l) {
+  std::ostringstream s;
+  s << "deadlock: " << l.live << " threads left, " << l.barrier_arrived << " of them at __syncthreads";
+  for (size_t w = 0; w < l.warps.size(); ++w) {
+    const WarpState& ws = l.warps[w];
+    if (ws.arrived)
+      s << "; warp " << w << ": lanes 0x" << std::hex << ws.arrived << " of mask 0x" << ws.mask << std::dec << " in "
+        << ws.op;
+  }
+  return s.str();
+}
+
+void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& block_idx, bool reverse) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  std::memset(l.smem.get(), kPoison, l.smem_bytes);
+  l.fibers.assign(threads, Fiber{});
+  l.warps.assign((threads + 31) / 32, WarpState{});
+  l.barrier_arrived = 0;
+  l.barrier_waiters.clear();
+  l.live = threads;
+  for (int id = 0; id < threads; ++id) {
+    Fiber& f = l.fibers[id];
+    f.indices.thread_idx = make_uint3(id % block.x, id / block.x % block.y, id / (block.x * block.y));
+    f.indices.block_idx = block_idx;
+    f.indices.block_dim = block;
+    f.indices.grid_dim = grid;
+    f.sp = initial_stack(g_stacks.get(id), kStackBytes);
+  }
+  while (l.live > 0) {
+    bool ran = false;
+    for (int k = 0; k < threads; ++k) {
+      const int id = reverse ? threads - 1 - k : k;
+      Fiber& f = l.fibers[id];
+      if (f.done || f.waiting) continue;
+      l.current = id;
+      nsa_emu_switch(&l.scheduler_sp, f.sp);
+      l.current = -1;
+      ran = true;
+      TORCH_CHECK(l.error.empty(), "nsa emulator: ", l.error);
+    }
+    TORCH_CHECK(ran, "nsa emulator: block (", block_idx.x, ", ", block_idx.y, ", ", block_idx.z, "): ",
+                deadlock_report(l));
+  }
+}
+
+void check_smem_range(const Launch& l, const void* p, size_t bytes, const char* op) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < l.smem.get() || c + bytes > l.smem.get() + l.smem_bytes)
+    fail(std::string(op) + ": address outside the block's dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(c) % 16 != 0) fail(std::string(op) + ": shared address not 16-byte aligned");
+}
+
+void apply(const std::vector<Copy>& group) {
+  for (const Copy& c : group) {
+    if (c.src) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+  }
+}
+
+uint16_t element16(const void* row, int col) { return static_cast<const uint16_t*>(row)[col]; }
+
+template <bool kTrans>
+void ldmatrix_combine(const void* const* in, void* const* out, unsigned) {
+  ++g_counters.ldmatrix;
+  for (int lane = 0; lane < 32; ++lane) {
+    uint32_t* r = static_cast<uint32_t*>(out[lane]);
+    for (int m = 0; m < 4; ++m) {
+      // Matrix m's rows are at the addresses of lanes 8m .. 8m+7.
+      const void* const* rows = reinterpret_cast<const void* const*>(in) + 8 * m;
+      auto row = [&](int j) { return *static_cast<const void* const*>(rows[j]); };
+      uint16_t lo, hi;
+      if (kTrans) {  // element (2t, g) and (2t+1, g) of the stored matrix
+        lo = element16(row(2 * (lane % 4)), lane / 4);
+        hi = element16(row(2 * (lane % 4) + 1), lane / 4);
+      } else {       // element (g, 2t) and (g, 2t+1)
+        lo = element16(row(lane / 4), 2 * (lane % 4));
+        hi = element16(row(lane / 4), 2 * (lane % 4) + 1);
+      }
+      r[m] = uint32_t(lo) | uint32_t(hi) << 16;
+    }
+  }
+}
+
+struct MmaIn {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+};
+
+float to_float(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, 4);
+    return f;
+  }
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+
+template <bool kBf16>
+void mma_combine(const void* const* in, void* const* out, unsigned) {
+  ++g_counters.mma;
+  float a[16][16], b[16][8], c[16][8];
+  auto lo = [](uint32_t r) { return static_cast<uint16_t>(r & 0xffff); };
+  auto hi = [](uint32_t r) { return static_cast<uint16_t>(r >> 16); };
+  for (int lane = 0; lane < 32; ++lane) {
+    const MmaIn& x = *static_cast<const MmaIn*>(in[lane]);
+    const int g = lane / 4, t = lane % 4;
+    // PTX ISA, mma.m16n8k16 .f16/.bf16: A a0..a7, B b0..b3, C c0..c3 per lane.
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i % 2) * 8, col = 2 * t + (i / 2) * 8;
+      a[row][col] = to_float(lo(x.a[i]), kBf16);
+      a[row][col + 1] = to_float(hi(x.a[i]), kBf16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      b[2 * t + 8 * i][g] = to_float(lo(x.b[i]), kBf16);
+      b[2 * t + 8 * i + 1][g] = to_float(hi(x.b[i]), kBf16);
+    }
+    for (int i = 0; i < 4; ++i) c[g + (i / 2) * 8][2 * t + i % 2] = x.c[i];
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    float* d = static_cast<float*>(out[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
+      float sum = c[row][col];
+      for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
+      d[i] = sum;
+    }
+  }
+}
+
+}  // namespace
+
+Counters& counters() { return g_counters; }
+
+void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64, "nsa emulator: invalid block (", block.x, ", ",
+              block.y, ", ", block.z, ")");
+  TORCH_CHECK(grid.x < (uint64_t(1) << 31) && grid.y <= 65535 && grid.z <= 65535, "nsa emulator: invalid grid (",
+              grid.x, ", ", grid.y, ", ", grid.z, ")");
+  TORCH_CHECK(smem <= size_t(kMaxSmemPerBlock), "nsa emulator: ", smem,
+              " bytes of dynamic shared memory, more than a block may have (", kMaxSmemPerBlock, ")");
+  TORCH_CHECK(g_launch == nullptr, "nsa emulator: a kernel launched another kernel");
+  Launch l;
+  l.body = &body;
+  l.smem_bytes = smem;
+  // aligned_alloc wants a multiple of the alignment; one spare line keeps a zero-byte launch valid.
+  const size_t rounded = (smem / kSmemAlignment + 1) * kSmemAlignment;
+  l.smem.reset(static_cast<unsigned char*>(std::aligned_alloc(kSmemAlignment, rounded)));
+  TORCH_CHECK(l.smem, "nsa emulator: cannot allocate ", smem, " bytes of shared memory");
+  const char* order = std::getenv("NSA_EMULATE_ORDER");
+  const bool reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
+  g_launch = &l;
+  ++g_counters.launches;
+  try {
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    for (uint64_t k = 0; k < blocks; ++k) {
+      const uint64_t b = reverse ? blocks - 1 - k : k;
+      const uint3 block_idx = make_uint3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
+      run_block(l, grid, block, block_idx, reverse);
+      ++g_counters.blocks;
+    }
+  } catch (...) {
+    g_launch = nullptr;
+    throw;
+  }
+  g_launch = nullptr;
+}
+
+const Indices& indices() {
+  Launch& l = running();
+  return l.fibers[l.current].indices;
+}
+
+unsigned char* dynamic_smem() { return running().smem.get(); }
+
+void sync_block() {
+  Launch& l = running();
+  const int id = l.current;
+  ++l.barrier_arrived;
+  if (l.barrier_arrived == l.live) {
+    l.barrier_arrived = 0;
+    release(l, l.barrier_waiters);
+    return;
+  }
+  l.barrier_waiters.push_back(id);
+  wait(l, id);
+}
+
+void warp_collective(unsigned mask, const char* op, Combine combine, const void* input, void* output) {
+  Launch& l = running();
+  const int id = l.current, lane = id % 32;
+  WarpState& w = l.warps[id / 32];
+  if (!(mask >> lane & 1u)) fail(std::string(op) + ": lane " + std::to_string(lane) + " is not in its mask");
+  if (w.arrived == 0) {
+    w.mask = mask;
+    w.op = op;
+    w.combine = combine;
+    std::fill(std::begin(w.inputs), std::end(w.inputs), nullptr);
+    std::fill(std::begin(w.outputs), std::end(w.outputs), nullptr);
+  } else if (w.mask != mask || w.combine != combine) {
+    std::ostringstream s;
+    s << "divergent warp: this lane calls " << op << " with mask 0x" << std::hex << mask << " while lanes 0x"
+      << w.arrived << " wait in " << w.op << " with mask 0x" << w.mask;
+    fail(s.str());
+  }
+  w.inputs[lane] = input;
+  w.outputs[lane] = output;
+  w.arrived |= 1u << lane;
+  if (w.arrived == w.mask) {
+    w.combine(w.inputs, w.outputs, w.mask);
+    w.arrived = 0;
+    release(l, w.waiters);
+    return;
+  }
+  w.waiters.push_back(id);
+  wait(l, id);
+}
+
+void ballot_combine(const void* const* in, void* const* out, unsigned mask) {
+  unsigned bits = 0;
+  for (int lane = 0; lane < 32; ++lane)
+    if (in[lane] && *static_cast<const int*>(in[lane])) bits |= 1u << lane;
+  for (int lane = 0; lane < 32; ++lane)
+    if (out[lane]) *static_cast<unsigned*>(out[lane]) = bits;
+}
+
+void syncwarp_combine(const void* const*, void* const*, unsigned) {}
+
+void cp_async_16(void* smem, const void* gmem, bool valid) {
+  Launch& l = running();
+  check_smem_range(l, smem, 16, "cp.async");
+  if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async: global address not 16-byte aligned");
+  std::memset(smem, kPoison, 16);  // undefined until a wait covers the copy
+  ++g_counters.cp_async;
+  l.fibers[l.current].open_group.push_back({static_cast<unsigned char*>(smem),
+                                            valid ? static_cast<const unsigned char*>(gmem) : nullptr});
+}
+
+void cp_async_commit() {
+  Fiber& f = running().fibers[running().current];
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = running().fibers[running().current];
+  while (f.committed.size() > static_cast<size_t>(pending)) {
+    apply(f.committed.front());
+    f.committed.pop_front();
+  }
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+  Launch& l = running();
+  check_smem_range(l, smem, 16, trans ? "ldmatrix.trans" : "ldmatrix");
+  // Each lane passes a pointer to its row address; the combine reads the rows.
+  const void* address = smem;
+  warp_collective(0xffffffffu, trans ? "ldmatrix.x4.trans" : "ldmatrix.x4",
+                  trans ? ldmatrix_combine<true> : ldmatrix_combine<false>, &address, &r);
+}
+
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  MmaIn in;
+  std::memcpy(in.a, a, sizeof(in.a));
+  in.b[0] = b0;
+  in.b[1] = b1;
+  std::memcpy(in.c, d, sizeof(in.c));
+  float out[4];
+  warp_collective(0xffffffffu, bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16",
+                  bf16 ? mma_combine<true> : mma_combine<false>, &in, &out);
+  std::memcpy(d, out, sizeof(out));
+}
+
+}  // namespace emu
+}  // namespace nsa

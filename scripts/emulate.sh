@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds nsa_ext with its CUDA kernels compiled as C++ and run on the CPU under emulation (CMake option
+# NSA_EMULATE_CUDA, csrc/emulation/simt.h) in its own build folder, build/emulate/cmake (ninja,
+# incremental), and installs it into build/emulate/site, leaving the normal install alone. In that
+# build every op takes its CUDA path with CPU tensors. Run it with the development environment's Python:
+#   scripts/run.sh scripts/emulate.sh
+# then run Python with that folder first on the path, as tests/test_cuda_emulated.py does:
+#   NSA_TEST_EMULATED_CUDA=1 PYTHONPATH=build/emulate/site python -m pytest tests/test_cuda_dense.py
+# NSA_CUDA_HEAD_DIMS picks the tiled kernels' head dims as in the normal build (default: all). Prints
+# the site folder on its last line.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python}
+site="$root/build/emulate/site"
+NSA_ENABLE_CUDA=OFF "$python" -m pip install --quiet --no-build-isolation --no-deps --upgrade \
+  --target "$site" -C build-dir="$root/build/emulate/cmake" -C cmake.define.NSA_EMULATE_CUDA=ON \
+  -C cmake.define.NSA_CUDA_HEAD_DIMS="${NSA_CUDA_HEAD_DIMS:-64;128;192;256}" "$root" >&2
+echo "$site"

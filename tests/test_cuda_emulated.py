@@ -1,0 +1,94 @@
+"""The CUDA kernels run on the CPU: scripts/emulate.sh builds the extension with the CUDA sources
+compiled as C++ against csrc/emulation/simt.h (every op then takes its CUDA path with CPU tensors), and
+a child process runs the CUDA tests against that build (NSA_TEST_EMULATED_CUDA=1: tests/utils.GPU is
+"cpu"). The emulator checks warp collectives, barriers, shared-memory addresses and launch shapes and
+poisons shared memory, so these tests find wrong fragment layouts, missing barriers or waits and bad
+index math where no GPU is. All tiled head dims are built, as in the normal build. The child takes
+~7 minutes on 2 cores, the first build ~6 minutes (incremental afterwards).
+
+The tests at the bottom run inside that child only."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nsa_ext
+
+from test_decode_attention import fused, make_cache
+from utils import EMULATED_CUDA
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = nsa_ext.NSAConfig(compress_block=16, compress_stride=8, select_block=32, select_count=4, init_blocks=1,
+                           local_blocks=1, window=40)
+
+# Every CUDA test that needs no real device, but the bitwise-determinism reruns: emulated threads run
+# in a fixed order, so reruns agree by construction (test_results_do_not_depend_on_thread_order below
+# is the emulator's race check), and those tests' large problems would take most of the time.
+CHILD_TESTS = [
+    "tests/test_cuda_emulated.py",
+    "tests/test_cuda_dense.py",
+    "tests/test_cuda_selection.py",
+    "tests/test_cuda_select_blocks.py",
+    "tests/test_decode_attention.py",
+    "-k", "not test_bitwise_deterministic",
+]
+
+
+@pytest.fixture(scope="module")
+def emulated_site():
+    build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True,
+                           env={**os.environ, "PYTHON": sys.executable}, cwd=ROOT)
+    assert build.returncode == 0, build.stderr[-5000:]
+    return build.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(EMULATED_CUDA, reason="runs the child")
+def test_cuda_tests_pass_under_emulation(emulated_site):
+    env = dict(os.environ, NSA_TEST_EMULATED_CUDA="1",
+               PYTHONPATH=os.pathsep.join([emulated_site, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CHILD_TESTS],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+    assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-3000:]
+    assert " passed" in child.stdout
+
+
+# --- inside the child -------------------------------------------------------------------------------
+
+child_only = pytest.mark.skipif(not EMULATED_CUDA, reason="runs in the child of test_cuda_tests_pass_under_emulation")
+
+
+@child_only
+def test_emulation_build_is_loaded():
+    info = nsa_ext.build_info()
+    assert info["emulated_cuda"] and info["cuda_kernels"], "emulation build is loaded: " + str(info)
+    assert nsa_ext.__file__.startswith(str(ROOT / "build" / "emulate"))
+
+
+def _layer_and_decoding(dtype, head_dim):
+    """Every kernel once: the NSA layer forward and backward (compressed, select_blocks, selection and
+    window attention), then one decoding step over a ragged cache."""
+    torch.manual_seed(0)
+    layer = nsa_ext.NativeSparseAttention(256, num_heads=8, num_kv_heads=2, head_dim=head_dim, config=CONFIG)
+    layer = layer.to(dtype)
+    x = torch.randn(2, 100, 256, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()])
+    c = make_cache([3, 40, 131], 2, 8, 2, head_dim, head_dim, CONFIG, own_window=True, dtype=dtype, seed=1)
+    decoded, indices = fused(c, CONFIG)
+    return [out, *grads, decoded, indices]
+
+
+@child_only
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float32, 48)], ids=["tiled", "baseline"])
+def test_results_do_not_depend_on_thread_order(dtype, head_dim, monkeypatch):
+    # Descending block and thread order: a read that a barrier should order after another thread's
+    # write (or before its overwrite) sees the other value, and the results change. Head dim 48 is
+    # not a multiple of the baseline kernels' 32 lanes.
+    forward = _layer_and_decoding(dtype, head_dim)
+    monkeypatch.setenv("NSA_EMULATE_ORDER", "reverse")
+    for a, c in zip(_layer_and_decoding(dtype, head_dim), forward, strict=True):
+        assert torch.equal(a, c)
