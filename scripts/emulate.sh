@@ -6,14 +6,24 @@
 #   scripts/run.sh scripts/emulate.sh
 # then run Python with that folder first on the path, as tests/test_cuda_emulated.py does:
 #   NSA_TEST_EMULATED_CUDA=1 PYTHONPATH=build/emulate/site python -m pytest tests/test_cuda_dense.py
-# NSA_CUDA_HEAD_DIMS picks the tiled kernels' head dims as in the normal build (default: all). Prints
-# the site folder on its last line.
+# NSA_CUDA_HEAD_DIMS picks the tiled kernels' head dims as in the normal build (default: all).
+# NSA_EMULATE_SANITIZE=1 adds AddressSanitizer + UBSan (CMake option NSA_SANITIZE, in
+# build/emulate-asan; run it as tests/test_sanitizers.py runs its build): the emulated kernels then read
+# and write CPU tensors under ASan, which reports any access outside them. Prints the site folder on
+# its last line.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
-site="$root/build/emulate/site"
+folder="$root/build/emulate"
+sanitize=OFF
+if [ "${NSA_EMULATE_SANITIZE:-0}" = 1 ]; then
+  folder="$root/build/emulate-asan"
+  sanitize=ON
+fi
+site="$folder/site"
 NSA_ENABLE_CUDA=OFF "$python" -m pip install --quiet --no-build-isolation --no-deps --upgrade \
-  --target "$site" -C build-dir="$root/build/emulate/cmake" -C cmake.define.NSA_EMULATE_CUDA=ON \
+  --target "$site" -C build-dir="$folder/cmake" -C cmake.define.NSA_EMULATE_CUDA=ON \
+  -C cmake.define.NSA_SANITIZE=$sanitize \
   -C cmake.define.NSA_CUDA_HEAD_DIMS="${NSA_CUDA_HEAD_DIMS:-64;128;192;256}" "$root" >&2
 echo "$site"

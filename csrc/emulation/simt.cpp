@@ -3,6 +3,10 @@
 
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <cstdlib>
 #include <cstring>
@@ -68,6 +72,8 @@ struct Copy {
 
 struct Fiber {
   void* sp = nullptr;  // saved stack pointer while suspended
+  unsigned char* stack = nullptr;
+  void* asan_fake_stack = nullptr;
   Indices indices;
   bool done = false;
   bool waiting = false;
@@ -115,6 +121,8 @@ struct Launch {
   int live = 0;
   int current = -1;
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack, for AddressSanitizer's fiber API
+  size_t scheduler_stack_bytes = 0;
   std::string error;
 };
 
@@ -141,9 +149,36 @@ std::string where(const Launch& l, int id) {
   throw FiberAbort{};
 }
 
+// Stack switches, announced to AddressSanitizer in its builds (else it takes a fiber's stack for an
+// overflow of the scheduler's).
+void resume(Launch& l, Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, f.stack, kStackBytes);
+#endif
+  nsa_emu_switch(&l.scheduler_sp, f.sp);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+void entered(Launch& l, Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &l.scheduler_stack, &l.scheduler_stack_bytes);
+#endif
+}
+
+void suspend(Launch& l, Fiber& f, bool finished) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.asan_fake_stack, l.scheduler_stack, l.scheduler_stack_bytes);
+#endif
+  nsa_emu_switch(&f.sp, l.scheduler_sp);
+  entered(l, f);
+}
+
 void wait(Launch& l, int id) {
   l.fibers[id].waiting = true;
-  nsa_emu_switch(&l.fibers[id].sp, l.scheduler_sp);
+  suspend(l, l.fibers[id], false);
 }
 
 void release(Launch& l, std::vector<int>& waiters) {
@@ -161,6 +196,7 @@ void release_barrier_if_complete(Launch& l) {
 [[noreturn]] void fiber_main() {
   Launch& l = *g_launch;
   const int id = l.current;
+  entered(l, l.fibers[id]);
   try {
     (*l.body)();
   } catch (const FiberAbort&) {
@@ -170,12 +206,15 @@ void release_barrier_if_complete(Launch& l) {
   l.fibers[id].done = true;
   --l.live;
   release_barrier_if_complete(l);
-  nsa_emu_switch(&l.fibers[id].sp, l.scheduler_sp);  // never resumed
+  suspend(l, l.fibers[id], true);  // never resumed
   __builtin_unreachable();
 }
 
 // A stack on which nsa_emu_switch "returns" into fiber_main, aligned as after a call.
 void* initial_stack(unsigned char* base, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(base, bytes);  // redzones of the frames a previous fiber left there
+#endif
   auto* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(base + bytes) & ~uintptr_t(15));
   *--sp = 0;                                          // fiber_main's return address: it never returns
   *--sp = reinterpret_cast<uint64_t>(&fiber_main);    // popped by nsa_emu_switch's ret
@@ -210,7 +249,8 @@ void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& bloc
     f.indices.block_idx = block_idx;
     f.indices.block_dim = block;
     f.indices.grid_dim = grid;
-    f.sp = initial_stack(g_stacks.get(id), kStackBytes);
+    f.stack = g_stacks.get(id);
+    f.sp = initial_stack(f.stack, kStackBytes);
   }
   while (l.live > 0) {
     bool ran = false;
@@ -219,7 +259,7 @@ void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& bloc
       Fiber& f = l.fibers[id];
       if (f.done || f.waiting) continue;
       l.current = id;
-      nsa_emu_switch(&l.scheduler_sp, f.sp);
+      resume(l, f);
       l.current = -1;
       ran = true;
       TORCH_CHECK(l.error.empty(), "nsa emulator: ", l.error);
