@@ -154,6 +154,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "what the emulated CUDA kernels ran since the last call (launches, blocks, warp mma / ldmatrix, cp.async)");
+  m.def("_emulation_selftest_cases", &nsa::emu::selftest_cases, "names of the emulator's rule-breaking test kernels");
+  m.def("_emulation_selftest", &nsa::emu::selftest,
+        "runs one rule-breaking test kernel; returns the emulator's error message ('' if the launch succeeded)");
 #endif
   // Test hooks for the CUDA kernels' index math, which runs identically on the host.
   m.def("_fragment_layout", &fragment_layout, "mma.m16n8k16 / ldmatrix fragment table: [lane][element] -> (row, col)");

@@ -9,6 +9,7 @@ index math where no GPU is. All tiled head dims are built, as in the normal buil
 The tests at the bottom run inside that child only."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,46 @@ def test_results_do_not_depend_on_thread_order(dtype, head_dim, monkeypatch):
     monkeypatch.setenv("NSA_EMULATE_ORDER", "reverse")
     for a, c in zip(_layer_and_decoding(dtype, head_dim), forward, strict=True):
         assert torch.equal(a, c) and not a.isnan().any()
+
+
+# Each rule-breaking kernel of csrc/emulation/selftest.cpp and what the emulator must say about it.
+SELFTEST = {
+    "clean": None,  # follows every rule
+    "divergent_collective": r"divergent warp: this lane calls (__ballot_sync|__shfl_xor_sync) with mask 0xffffffff "
+                            r"while lanes 0x(ffff|ffff0000) wait in (__shfl_xor_sync|__ballot_sync)",
+    "lane_outside_mask": r"__shfl_xor_sync: lane (1[6-9]|2\d|3[01]) is not in its mask",
+    "lane_skips_collective": r"deadlock: 31 threads left, 0 of them at __syncthreads; warp 0: lanes 0x7fffffff "
+                             r"of mask 0xffffffff in __syncwarp",
+    "barrier_call_sites": r"__syncthreads at .*selftest\.cpp:(\d+) while 32 threads wait at the one at "
+                          r".*selftest\.cpp:(?!\1)\d+",
+    "barrier_deadlock": r"deadlock: 32 threads left, 1 of them at __syncthreads; warp 0: lanes 0xfffffffe "
+                        r"of mask 0xffffffff in __syncwarp",
+    "ldmatrix_out_of_range": r"ldmatrix: address outside the block's dynamic shared memory",
+    "ldmatrix_misaligned": r"ldmatrix.trans: shared address not 16-byte aligned",
+    "cp_async_misaligned_global": r"cp.async: global address not 16-byte aligned",
+    "smem_read_before_write": r"read -?nan\b",
+    "cp_async_read_before_wait": r"before the wait -?nan, after 1\b",
+    "block_too_large": r"invalid block \(1025, 1, 1\)",
+    "grid_too_large": r"invalid grid \(1, 65536, 1\)",
+    "smem_too_large": r"232449 bytes of dynamic shared memory, more than a block may have",
+}
+
+
+@child_only
+def test_selftest_covers_every_case():
+    assert sorted(nsa_ext._C._emulation_selftest_cases()) == sorted(SELFTEST)
+
+
+@child_only
+@pytest.mark.parametrize("case", sorted(SELFTEST))
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_emulator_checks_fire(case, order, monkeypatch):
+    # A check that never fires cannot be told from a kernel that keeps the rule: each rule is broken
+    # once here, and the launch must fail with the emulator's message (the clean kernel must pass).
+    if order == "reverse":
+        monkeypatch.setenv("NSA_EMULATE_ORDER", "reverse")
+    message = nsa_ext._C._emulation_selftest(case)
+    if SELFTEST[case] is None:
+        assert message == ""
+    else:
+        assert re.search(SELFTEST[case], message), message

@@ -117,6 +117,8 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   int barrier_arrived = 0;
+  const char* barrier_file = nullptr;  // call site of the barrier the waiting threads are at
+  int barrier_line = 0;
   std::vector<int> barrier_waiters;
   int live = 0;
   int current = -1;
@@ -200,6 +202,8 @@ void release_barrier_if_complete(Launch& l) {
   try {
     (*l.body)();
   } catch (const FiberAbort&) {
+  } catch (const c10::Error& e) {
+    if (l.error.empty()) l.error = where(l, id) + ": " + e.what_without_backtrace();
   } catch (const std::exception& e) {
     if (l.error.empty()) l.error = where(l, id) + ": " + e.what();
   }
@@ -404,17 +408,23 @@ const Indices& indices() {
 
 unsigned char* dynamic_smem() { return running().smem.get(); }
 
-void sync_block() {
+void sync_block(const char* file, int line) {
   Launch& l = running();
   const int id = l.current;
-  ++l.barrier_arrived;
-  if (l.barrier_arrived == l.live) {
-    l.barrier_arrived = 0;
-    release(l, l.barrier_waiters);
-    return;
+  // One barrier, one call site: threads that meet at different __syncthreads hang or misbehave on a GPU.
+  if (l.barrier_arrived == 0) {
+    l.barrier_file = file;
+    l.barrier_line = line;
+  } else if (line != l.barrier_line || std::strcmp(file, l.barrier_file) != 0) {
+    fail("__syncthreads at " + std::string(file) + ":" + std::to_string(line) + " while " +
+         std::to_string(l.barrier_arrived) + " threads wait at the one at " + l.barrier_file + ":" +
+         std::to_string(l.barrier_line));
   }
+  ++l.barrier_arrived;
   l.barrier_waiters.push_back(id);
-  wait(l, id);
+  l.fibers[id].waiting = true;
+  release_barrier_if_complete(l);
+  if (l.fibers[id].waiting) suspend(l, l.fibers[id], false);
 }
 
 void warp_collective(unsigned mask, const char* op, Combine combine, const void* input, void* output) {

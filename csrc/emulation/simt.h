@@ -12,12 +12,13 @@
 //
 // Checked (an emulation error fails the launch with a message): a warp collective that not every named
 // lane reaches, or that lanes reach with different operations or masks; a barrier that some threads
-// never reach (deadlock); launch shapes a GPU rejects (block > 1024 threads, grid.y/z > 65535, dynamic
-// shared memory above an H200's limit); ldmatrix or cp.async addresses outside the block's dynamic
-// shared memory, misaligned ones. Dynamic shared memory is filled with NaN bytes before every block and
-// a cp.async destination is poisoned until its group is waited for, so reading either too early gives
-// NaN. NSA_EMULATE_ORDER=reverse runs blocks and threads in descending order: a result that changes
-// with it depends on a race between threads (a missing barrier).
+// never reach (deadlock) or that threads reach at different __syncthreads call sites; launch shapes a
+// GPU rejects (block > 1024 threads, grid.y/z > 65535, dynamic shared memory above an H200's limit);
+// ldmatrix or cp.async addresses outside the block's dynamic shared memory, misaligned ones. Dynamic
+// shared memory is filled with NaN bytes before every block and a cp.async destination is poisoned
+// until its group is waited for, so reading either too early gives NaN. NSA_EMULATE_ORDER=reverse runs
+// blocks and threads in descending order: a result that changes with it depends on a race between
+// threads (a missing barrier).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
@@ -27,7 +28,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 // CUDA's keywords as C++ (crt/host_defines.h turns them into unknown attributes).
 #undef __global__
@@ -66,7 +69,7 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
 
 const Indices& indices();        // the running thread's
 unsigned char* dynamic_smem();   // the running block's
-void sync_block();               // __syncthreads
+void sync_block(const char* file, int line);  // __syncthreads at file:line
 
 // Warp collective: every lane in `mask` passes its input; once all have arrived, combine(inputs,
 // outputs, mask) runs once with the 32 lanes' pointers (null for lanes outside the mask), then every
@@ -80,6 +83,11 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 
 // ldmatrix .m8n8.x4.b16 (trans: .trans) from each lane's row address; mma.m16n8k16 f32 accumulate.
+// Test hook (selftest.cpp): runs a small kernel that breaks one rule; returns the emulator's error, or
+// "" when the launch succeeded.
+std::vector<std::string> selftest_cases();
+std::string selftest(const std::string& name);
+
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 
@@ -112,7 +120,9 @@ void syncwarp_combine(const void* const* in, void* const* out, unsigned mask);
 #define blockDim (::nsa::emu::indices().block_dim)
 #define gridDim (::nsa::emu::indices().grid_dim)
 
-inline void __syncthreads() { ::nsa::emu::sync_block(); }
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::nsa::emu::sync_block(file, line);
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::nsa::emu::warp_collective(mask, "__syncwarp", ::nsa::emu::syncwarp_combine, nullptr, nullptr);
 }

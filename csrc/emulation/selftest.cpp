@@ -1,0 +1,105 @@
+// Small kernels that break CUDA's rules one at a time, so that a test sees each emulator check fire
+// (tests/test_cuda_emulated.py, hook _emulation_selftest). A check that never fires looks just like a
+// kernel that never breaks its rule.
+#include "emulation/simt.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <functional>
+#include <map>
+#include <string>
+
+namespace nsa {
+namespace emu {
+namespace {
+
+struct Case {
+  dim3 grid, block;
+  size_t smem;
+  std::function<void()> body;
+};
+
+float* smem_floats() { return reinterpret_cast<float*>(dynamic_smem()); }
+unsigned lane() { return threadIdx.x % 32; }
+
+const std::map<std::string, Case>& cases() {
+  static const std::map<std::string, Case> all = {
+      // Follows every rule: the hook returns no error.
+      {"clean", {dim3(2), dim3(64), 64 * sizeof(float), [] {
+         smem_floats()[threadIdx.x] = float(threadIdx.x);
+         __syncthreads();
+         const float other = __shfl_xor_sync(0xffffffffu, smem_floats()[63 - threadIdx.x], 1);
+         TORCH_CHECK(other == float(63 - (threadIdx.x ^ 1)), "clean kernel read ", other);
+       }}},
+      {"divergent_collective", {dim3(1), dim3(32), 0, [] {
+         if (lane() < 16) __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+         else __ballot_sync(0xffffffffu, 1);
+       }}},
+      {"lane_outside_mask", {dim3(1), dim3(32), 0, [] { __shfl_xor_sync(0x0000ffffu, 1.0f, 1); }}},
+      {"lane_skips_collective", {dim3(1), dim3(32), 0, [] {
+         if (lane() == 31) return;
+         __syncwarp();
+       }}},
+      {"barrier_call_sites", {dim3(1), dim3(64), 0, [] {
+         if (threadIdx.x < 32) __syncthreads();
+         else __syncthreads();
+       }}},
+      {"barrier_deadlock", {dim3(1), dim3(32), 0, [] {
+         if (lane() == 0) __syncthreads();
+         else __syncwarp(0xfffffffeu);
+         __syncwarp();
+       }}},
+      {"ldmatrix_out_of_range", {dim3(1), dim3(32), 256, [] {
+         uint32_t r[4];
+         ldmatrix_x4(r, dynamic_smem() + 16 * lane() + 16, false);
+       }}},
+      {"ldmatrix_misaligned", {dim3(1), dim3(32), 1024, [] {
+         uint32_t r[4];
+         ldmatrix_x4(r, dynamic_smem() + 16 * lane() + 8, true);
+       }}},
+      {"cp_async_misaligned_global", {dim3(1), dim3(32), 1024, [] {
+         alignas(16) static const float source[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+         cp_async_16(dynamic_smem() + 16 * lane(), source + 1, true);
+       }}},
+      // Not errors but poison: the kernel reports what it read.
+      {"smem_read_before_write", {dim3(1), dim3(32), 32 * sizeof(float), [] {
+         TORCH_CHECK(false, "read ", smem_floats()[lane()]);
+       }}},
+      {"cp_async_read_before_wait", {dim3(1), dim3(32), 32 * 4 * sizeof(float), [] {
+         alignas(16) static const float source[4] = {1, 1, 1, 1};
+         float* mine = smem_floats() + 4 * lane();
+         cp_async_16(mine, source, true);
+         cp_async_commit();
+         const float before = mine[0];
+         cp_async_wait(0);
+         TORCH_CHECK(false, "before the wait ", before, ", after ", mine[0]);
+       }}},
+      {"block_too_large", {dim3(1), dim3(1025), 0, [] {}}},
+      {"grid_too_large", {dim3(1, 65536), dim3(32), 0, [] {}}},
+      {"smem_too_large", {dim3(1), dim3(32), size_t(kMaxSmemPerBlock) + 1, [] {}}},
+  };
+  return all;
+}
+
+}  // namespace
+
+std::vector<std::string> selftest_cases() {
+  std::vector<std::string> names;
+  for (const auto& [name, c] : cases()) names.push_back(name);
+  return names;
+}
+
+std::string selftest(const std::string& name) {
+  const auto it = cases().find(name);
+  TORCH_CHECK(it != cases().end(), "nsa emulator: no self-test case '", name, "'");
+  try {
+    launch(it->second.grid, it->second.block, it->second.smem, it->second.body);
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+}  // namespace emu
+}  // namespace nsa
