@@ -36,6 +36,7 @@ CHILD_TESTS = [
     "tests/test_cuda_selection.py",
     "tests/test_cuda_select_blocks.py",
     "tests/test_decode_attention.py",
+    "tests/test_cuda_long_offsets.py",
     "-k", "not test_bitwise_deterministic",
 ]
 
