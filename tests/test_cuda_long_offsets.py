@@ -7,8 +7,8 @@ can read are written (random), so on the CPU the untouched gigabytes stay virtua
 few rows: bottom-right aligned at the end of ROWS keys (window, selected blocks), or with a short
 max_seqlen_k over the first compressed-token rows (compressed, select_blocks), or a short live length
 in a cache of ROWS rows (decoding). Each result is checked against the reference on the rows it sees.
-Forward only: the backward's dk and dv are as large as the keys, and their kernels' grids span every
-key row.
+The backward of the window and selection branches runs on a GPU only: its dk and dv are as large as
+the keys, and their kernels' grids span every key row.
 """
 
 import pytest
@@ -19,7 +19,8 @@ from nsa_ext import NSAConfig, reference
 
 from test_decode_attention import _with_indices, make_cache, per_sequence
 from test_select_blocks import Config, Inputs, check_selection
-from utils import GPU, assert_close_fp32, assert_within_torch_error, poisoned_outputs, requires_gpu
+from utils import (GPU, assert_close_fp32, assert_within_torch_error, finite_cotangent, grads, poisoned_outputs,
+                   requires_device, requires_gpu)
 
 pytestmark = requires_gpu
 
@@ -45,37 +46,63 @@ def queries(dtype, gen):
 
 def check(name, dtype, ours, run):
     """ours vs the reference on the rows it sees: fp32 within 1e-5, low precision by the 2x rule."""
-    exact = run(torch.float64)
-    for i, (a, e) in enumerate(zip(ours, exact, strict=True)):
+    exact, low = run(torch.float64), run(dtype)
+    for i, (a, lo, e) in enumerate(zip(ours, low, exact, strict=True)):
         if dtype == torch.float32:
             assert_close_fp32(a.cpu(), e, rel=1e-5, name=f"{name}[{i}]")
         else:
-            assert_within_torch_error(a.cpu(), run(dtype)[i], e, name=f"{name}[{i}]")
+            assert_within_torch_error(a.cpu(), lo, e, name=f"{name}[{i}]")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sliding_window_and_selection_forward(dtype):
+def window_and_selection(dtype, backward):
+    """(name, ours, reference(dtype)) of sliding_window_attention and selection_attention over keys at
+    the end of ROWS rows: out and lse, and with `backward` dq, dk and dv of the visible rows."""
     gen = torch.Generator().manual_seed(0)
     end = slice(ROWS - END, ROWS)
-    k = sparse_tensor(ROWS, HEADS_K, DIM, dtype, [end], gen)
-    v = sparse_tensor(ROWS, HEADS_K, DIM, dtype, [end], gen)
+    k = sparse_tensor(ROWS, HEADS_K, DIM, dtype, [end], gen).requires_grad_(backward)
+    v = sparse_tensor(ROWS, HEADS_K, DIM, dtype, [end], gen).requires_grad_(backward)
     q = queries(dtype, gen)
-    tail = lambda t, to: t[:, end].cpu().to(to)  # noqa: E731: the rows the queries see, as a sequence
-
-    with poisoned_outputs():
-        out, lse = nsa_ext.sliding_window_attention(q.to(GPU), k, v, window=48)
-    check("window", dtype, (out, lse),
-          lambda to: reference.sliding_window_attention(q.to(to), tail(k, to), tail(v, to), window=48))
-
     # Blocks of 32 among the last END rows, with -1 and ids past the last block.
     first = (ROWS - END) // 32
     ids = torch.randint(first, ROWS // 32 + 3, (2, TQ, HEADS_K, 4), generator=gen, dtype=torch.int32)
     ids[:, ::2, :, 0] = -1
-    with poisoned_outputs():
-        out, lse = nsa_ext.selection_attention(q.to(GPU), k, v, ids.to(GPU), select_block=32)
     local = torch.where(ids >= 0, ids - first, ids)
-    check("selection", dtype, (out, lse),
-          lambda to: reference.selection_attention(q.to(to), tail(k, to), tail(v, to), local, select_block=32))
+    ops = {"window": lambda q, k, v, ids: nsa_ext.sliding_window_attention(q, k, v, window=48),
+           "selection": lambda q, k, v, ids: nsa_ext.selection_attention(q, k, v, ids, select_block=32)}
+    refs = {"window": lambda q, k, v, ids: reference.sliding_window_attention(q, k, v, window=48),
+            "selection": lambda q, k, v, ids: reference.selection_attention(q, k, v, ids, select_block=32)}
+    for name, op in ops.items():
+        q_gpu = q.to(GPU).requires_grad_(backward)
+        with poisoned_outputs():
+            ours = op(q_gpu, k, v, ids.to(GPU))
+        dout = torch.randn(ours[0].shape, generator=gen).to(dtype)
+        dlse = finite_cotangent(ours[1].cpu(), gen).float()
+        if backward:
+            with poisoned_outputs():
+                dq, dk, dv = torch.autograd.grad(ours, (q_gpu, k, v), (dout.to(GPU), dlse.to(GPU)))
+            # Rows before the end get zero gradient (a sample: reading all of them would take long).
+            assert not dk[:, :ROWS - END:4099].any() and not dv[:, :ROWS - END:4099].any()
+            ours = (*ours, dq, dk[:, end], dv[:, end])
+
+        def run(to, name=name):  # the reference on the rows the queries see, as sequences of END keys
+            ins = [t.detach()[:, rows].cpu().to(to).requires_grad_(backward)
+                   for t, rows in ((q, slice(None)), (k, end), (v, end))]
+            out = refs[name](*ins, local)
+            return (*out, *grads(out, ins, (dout, dlse))) if backward else out
+        yield name, ours, run
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_and_selection_forward(dtype):
+    for name, ours, run in window_and_selection(dtype, backward=False):
+        check(name, dtype, ours, run)
+
+
+@requires_device  # under emulation the dk / dv kernels' grids over every key row would take too long
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_and_selection_backward(dtype):
+    for name, ours, run in window_and_selection(dtype, backward=True):
+        check(name, dtype, ours, run)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
