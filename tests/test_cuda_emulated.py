@@ -145,3 +145,15 @@ def test_emulator_checks_fire(case, order, monkeypatch):
         assert message == ""
     else:
         assert re.search(SELFTEST[case], message), message
+
+
+@child_only
+def test_bench_reports_tensor_core_use():
+    # The tensor-core kernels issue at least the FLOPs the masks require (use <= 1), and some (> 0).
+    from nsa_ext import bench
+    case = bench.Case(200, 8, 2, 64, 64, torch.bfloat16, "cpu", CONFIG)
+    rows = bench.run_benchmarks([case], ["window", "compressed", "selection"], ["fwd", "fwd+bwd"], [], 0, 1, 1)
+    assert len(rows) == 6
+    for r in rows:
+        assert r.mma_use is not None and 0.05 < r.mma_use <= 1, (r.op, r.mode, r.mma_use)
+    assert "mma use" in bench.format_table(rows, [])

@@ -32,6 +32,11 @@ FLOPs NSA needs (visible keys of each branch; backward = 2.5x forward). GB/s (de
 bytes the step must read: the compressed tokens, the selected blocks and the window per sequence and
 kv head. "mem MB": on CUDA the peak memory allocated during one run beyond its inputs; on CPU the
 bytes autograd saves for the backward (activations held between forward and backward).
+
+Under the CUDA emulator (``scripts/emulate.sh``; ``--device cpu`` then runs the CUDA kernels on the
+CPU) times mean nothing, but the kernels' work does: "mma use" is NSA's FLOPs over the FLOPs of the
+``mma.m16n8k16`` instructions one run issued (4096 each): the fraction of the tensor-core work that
+is not padding, masked or recomputed, an upper bound on the fraction of peak a GPU run can reach.
 """
 
 import argparse
@@ -575,6 +580,7 @@ class Row:
     flops: float = 0.0
     read_bytes: float = 0.0
     memory_mb: Optional[float] = None
+    mma_use: Optional[float] = None  # emulation build only: NSA FLOPs / mma FLOPs
 
     def speedup(self, baseline: str) -> Optional[float]:
         other = self.baselines.get(baseline)
@@ -632,10 +638,26 @@ def run_benchmarks(cases: List[Case], ops: List[str], modes: List[str], baseline
         _progress(done, total, f"{op} {label}")
         step = WORKLOADS[op].run(case, mode, sets, gen)
         seconds = measure(step, case.device, warmup, repeats)
-        rows.append(Row(op, case, mode, seconds, times, step.flops, step.read_bytes, memory_mb(step, case.device)))
+        rows.append(Row(op, case, mode, seconds, times, step.flops, step.read_bytes, memory_mb(step, case.device),
+                        tensor_core_use(step)))
         done += 1
     _progress(done, total, "done")
     return rows
+
+
+MMA_FLOPS = 2 * 16 * 8 * 16  # one mma.m16n8k16
+
+
+def tensor_core_use(step: Step) -> Optional[float]:
+    """Emulation build: NSA's FLOPs over the mma FLOPs of one run (None elsewhere, or without mma)."""
+    if not nsa_ext.build_info()["emulated_cuda"] or not step.flops:
+        return None
+    if step.prepare is not None:
+        step.prepare()
+    nsa_ext._C._emulation_counters()  # resets them
+    step.run()
+    mma = nsa_ext._C._emulation_counters()["mma"]
+    return step.flops / (mma * MMA_FLOPS) if mma else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -653,6 +675,9 @@ def format_table(rows: List[Row], baselines: List[str]) -> str:
     for b in measured:
         columns += [(f"{b} ms", 10, ">"), (f"x {b}", 8, ">")]
     columns += [("TFLOP/s", 8, ">"), ("GB/s", 7, ">"), ("mem MB", 8, ">")]
+    emulated = any(r.mma_use is not None for r in rows)
+    if emulated:
+        columns += [("mma use", 8, ">")]
     header = "  ".join(f"{name:{align}{width}}" for name, width, align in columns)
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -663,6 +688,8 @@ def format_table(rows: List[Row], baselines: List[str]) -> str:
             ms = r.baselines.get(b)
             cells += [_fmt(None if ms is None else ms * 1e3, ".2f"), _fmt(r.speedup(b), ".2f", "x")]
         cells += [_fmt(r.tflops, ".3f"), _fmt(r.gbps, ".1f"), _fmt(r.memory_mb, ".0f")]
+        if emulated:
+            cells += [_fmt(r.mma_use, ".3f")]
         lines.append("  ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns)))
     return "\n".join(lines)
 
@@ -672,14 +699,15 @@ def write_csv(rows: List[Row], baselines: List[str], path: str) -> None:
         writer = csv.writer(f)
         writer.writerow(["op", "seqlen", "heads_q", "heads_k", "head_dim", "head_dim_v", "dtype", "device", "mode",
                          "seconds", *(f"{b}_seconds" for b in baselines), *(f"speedup_{b}" for b in baselines),
-                         "tflops", "gbps", "memory_mb"])
+                         "tflops", "gbps", "memory_mb", "mma_use"])
         for r in rows:
             c = r.case
             writer.writerow([r.op, c.seqlen, c.heads_q, c.heads_k, c.head_dim, c.head_dim_v, _dtype_name(c.dtype),
                              c.device, r.mode, f"{r.seconds:.6g}",
                              *(_fmt(r.baselines.get(b), ".6g") for b in baselines),
                              *(_fmt(r.speedup(b), ".4g") for b in baselines),
-                             _fmt(r.tflops, ".4g"), _fmt(r.gbps, ".4g"), _fmt(r.memory_mb, ".4g")])
+                             _fmt(r.tflops, ".4g"), _fmt(r.gbps, ".4g"), _fmt(r.memory_mb, ".4g"),
+                             _fmt(r.mma_use, ".4g")])
 
 
 def plot(rows: List[Row], baselines: List[str], path: str) -> bool:
