@@ -67,6 +67,14 @@ def _register_attention(name: str, config_before_out: int = 0) -> None:
 
     torch.library.register_autograd(f"nsa::{name}_fwd", backward, setup_context=setup_context)
 
+    # The backward op has no derivative. Registered so that a gradient of a gradient (create_graph=True,
+    # e.g. a gradient penalty) raises here; without it torch's fallback warns and gives wrong values.
+    def double_backward(ctx, *grads):
+        raise RuntimeError(f"nsa: the gradient of {name}'s backward is not implemented (double backward, "
+                           "e.g. a gradient penalty through attention, is not supported)")
+
+    torch.library.register_autograd(f"nsa::{name}_bwd", double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 _register_attention("sliding_window_attention")
 _register_attention("compressed_attention")
