@@ -55,8 +55,9 @@ def check(name, dtype, ours, run):
 
 
 def window_and_selection(dtype, backward):
-    """(name, ours, reference(dtype)) of sliding_window_attention and selection_attention over keys at
-    the end of ROWS rows: out and lse, and with `backward` dq, dk and dv of the visible rows."""
+    """(name, ours, run) of sliding_window_attention and selection_attention over keys at the end of
+    ROWS rows; ours: out and lse, and with `backward` dq and the visible rows' dk and dv; run(dtype):
+    the same from the reference on those rows."""
     gen = torch.Generator().manual_seed(0)
     end = slice(ROWS - END, ROWS)
     k = sparse_tensor(ROWS, HEADS_K, DIM, dtype, [end], gen).requires_grad_(backward)
@@ -129,7 +130,7 @@ def test_compressed_attention_and_select_blocks(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decoding(dtype):
-    # A cache of CAPACITY rows of 8 kv heads x 128 (sequence 1 past element 2^31); the selection kernel
+    # A cache of `capacity` rows of 8 kv heads x 128 (sequence 1 past element 2^31); the selection kernel
     # keeps a score per block of 64 in shared memory, which bounds the capacity to about 2.9M rows.
     capacity, heads_k, dim = 2**21 + 64, 8, 128
     cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_count=4, init_blocks=1,
