@@ -172,7 +172,8 @@ def test_opcheck():
                 seq["max_seqlen_q"] or 33, seq["max_seqlen_k"] or 33)
         torch.library.opcheck(OPS.sliding_window_attention_fwd.default, args)
         out, lse = OPS.sliding_window_attention_fwd(*args)
-        bwd = (torch.randn_like(out), torch.randn_like(lse), x.q.detach(), x.k.detach(), x.v.detach(), out, lse, *args[3:])
+        bwd = (torch.randn_like(out), torch.randn_like(lse), x.q.detach(), x.k.detach(), x.v.detach(), out.detach(),
+               lse.detach(), *args[3:])
         torch.library.opcheck(OPS.sliding_window_attention_bwd.default, bwd)
 
 
