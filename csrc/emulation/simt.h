@@ -83,13 +83,13 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 
 // ldmatrix .m8n8.x4.b16 (trans: .trans) from each lane's row address; mma.m16n8k16 f32 accumulate.
+void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+
 // Test hook (selftest.cpp): runs a small kernel that breaks one rule; returns the emulator's error, or
 // "" when the launch succeeded.
 std::vector<std::string> selftest_cases();
 std::string selftest(const std::string& name);
-
-void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
-void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 
 template <typename T>
 struct ShuffleIn {
