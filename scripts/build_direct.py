@@ -79,7 +79,7 @@ def main():
     cpp_sources = sorted((ROOT / "csrc").rglob("*.cpp"))
     cu_sources = [p for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
     cu_sources += [ROOT / "csrc" / "cuda" / family / TILED_FILES[d] for d in head_dims
-                   for family in ("dense", "selection")]
+                   for family in ("dense", "selection", "decode")]
 
     def command(src):
         obj = objdir / (str(src.relative_to(ROOT)).replace("/", "_") + ".o")

@@ -3,7 +3,8 @@ the tiled bf16 kernels with a window and with compressed tokens (packed, with an
 length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention likewise (tiled bf16
 with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids;
 select_blocks on the compressed case; and the split decoding kernels (ragged cache lengths, one shorter
-than a compressed token, one long enough for two compressed splits, TQ = 2)."""
+than a compressed token, one long enough for two compressed splits, TQ = 2), with the tensor-core
+(bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel."""
 
 import torch
 
@@ -53,11 +54,12 @@ def main():
     selection(lengths)
     config = nsa_ext.NSAConfig(compress_block=16, compress_stride=8, select_block=32, select_count=4, window=40)
     lengths = torch.tensor([1100, 2, 77], dtype=torch.int32, device="cuda")  # 1100: two compressed splits
-    cache = lambda rows, dim: torch.randn(3, rows, 2, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    q = torch.randn(3, 2, 6, 64, device="cuda", dtype=torch.bfloat16)
-    gates = torch.rand(3, 2, 6, 3, device="cuda", dtype=torch.bfloat16)
-    nsa_ext.native_sparse_attention_with_kvcache(q, cache(1110, 64), cache(1110, 32), cache(140, 64), cache(140, 32), gates,
-                                                 lengths, config=config)
+    for dtype, dim_v in ((torch.bfloat16, 64), (torch.float32, 32)):  # tensor-core and SIMT attend kernels
+        cache = lambda rows, dim: torch.randn(3, rows, 2, dim, device="cuda", dtype=dtype)  # noqa: E731
+        q = torch.randn(3, 2, 6, 64, device="cuda", dtype=dtype)
+        gates = torch.rand(3, 2, 6, 3, device="cuda", dtype=dtype)
+        nsa_ext.native_sparse_attention_with_kvcache(q, cache(1110, 64), cache(1110, dim_v), cache(140, 64),
+                                                     cache(140, dim_v), gates, lengths, config=config)
     torch.cuda.synchronize()
     print("sanitizer_case: done")
 

@@ -1,7 +1,7 @@
 """What the built CUDA kernels are, read from the binary without a GPU: the tiled attention kernels of
-every family (dense: sliding window and compressed; selected blocks) use tensor cores (HMMA in the
-SASS) on every requested architecture, and ptxas gave them no local memory or stack (no register
-spills)."""
+every family (dense: sliding window and compressed; selected blocks; the decoding attend kernel) use
+tensor cores (HMMA in the SASS) on every requested architecture, and ptxas gave them no local memory or
+stack (no register spills)."""
 
 import re
 import subprocess
@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(not nsa_ext.build_info()["cuda_kernels"], reason
 TILED_KERNELS = {"fwd": "5tiled10fwd_kernel", "dq": "5tiled9dq_kernel", "dkv": "5tiled10dkv_kernel"}
 # The fused block selection's tensor-core kernel (S = Q K^T only: no ldmatrix.trans).
 SELECT_KERNEL = "5tiled19select_tiled_kernel"
+# The decoding attend kernel (cuda/decode/attend.h), instantiated per arithmetic: MmaMath<Element, Dk,
+# Dv> (tensor cores) for bf16 / fp16 and each compiled head-dim pair, SimtMath for the four dtypes.
+DECODE_ATTEND = "20decode_attend_kernel"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
 FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"), "selection": ("SelectionSchedule", "SelectionKeyBlock")}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
@@ -59,6 +62,15 @@ def _tiled(functions):
     return {n: body for n, body in functions.items() if any(tag in n for tag in TILED_KERNELS.values())}
 
 
+def _assert_tensor_core_code(name, body, arch, trans=True):
+    """m16n8k16 with f32 accumulators (fp16: HMMA.16816.F32, bf16: HMMA.16816.F32.BF16), ldmatrix.x4
+    (and .trans for P V), cp.async."""
+    assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
+    assert "LDSM.16.M88.4" in body, f"{name}: no ldmatrix.x4 (LDSM) on sm_{arch}"
+    assert not trans or "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix.x4.trans on sm_{arch}"
+    assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS) on sm_{arch}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("arch", _archs())
 def test_tiled_kernels_use_tensor_cores(arch, family):
@@ -69,11 +81,7 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
         kernels = {n: body for n, body in functions.items() if tag in n}
         assert kernels, f"no {family} {kind} kernel for sm_{arch}"
         for name, body in kernels.items():
-            # m16n8k16 with f32 accumulators (fp16: HMMA.16816.F32, bf16: HMMA.16816.F32.BF16).
-            assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
-            assert "LDSM.16.M88.4" in body, f"{name}: no ldmatrix.x4 (LDSM) on sm_{arch}"
-            assert "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix.x4.trans on sm_{arch}"
-            assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS) on sm_{arch}"
+            _assert_tensor_core_code(name, body, arch)
         compiled = [d for d, pair in HEAD_DIM_PAIRS.items() if any(pair in n for n in kernels)]
         assert compiled, f"no head-dim pair in the {family} {kind} kernel names"
 
@@ -83,8 +91,17 @@ def test_select_kernel_uses_tensor_cores(arch):
     kernels = {n: body for n, body in _sass_by_function(arch).items() if SELECT_KERNEL in n}
     assert kernels, f"no select_tiled_kernel in the sm_{arch} cubin"
     for name, body in kernels.items():
-        assert re.search(r"\bHMMA\.16816\.F32\b", body), f"{name}: no HMMA.16816.F32 on sm_{arch}"
-        assert "LDSM.16.M88.4" in body and "LDGSTS" in body, f"{name}: no ldmatrix / cp.async on sm_{arch}"
+        _assert_tensor_core_code(name, body, arch, trans=False)
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_decode_attend_kernel_uses_tensor_cores(arch):
+    kernels = {n: body for n, body in _sass_by_function(arch).items() if DECODE_ATTEND in n and "7MmaMath" in n}
+    assert kernels, f"no tensor-core decode_attend_kernel in the sm_{arch} cubin"
+    for name, body in kernels.items():
+        _assert_tensor_core_code(name, body, arch)
+    pairs = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in kernels)]
+    assert len(kernels) == 2 * len(pairs) > 0, sorted(kernels)  # bf16 and fp16 per compiled pair
 
 
 def _resource_usage(arch):
@@ -111,11 +128,13 @@ def test_tiled_kernels_do_not_spill(arch):
 
 @pytest.mark.parametrize("arch", _archs())
 def test_decode_kernels_do_not_spill(arch):
-    """The four split decoding kernels (one instantiation per dtype; the selection kernel per
-    accumulation type) keep everything in registers and shared memory."""
-    stages = {"24decode_compressed_kernel": 4, "20decode_select_kernel": 2, "20decode_sparse_kernel": 4,
-              "21decode_combine_kernel": 4}
+    """The split decoding kernels (select: one instantiation per accumulation type; combine and the
+    SIMT attend kernel: per dtype; the tensor-core attend kernel: bf16 and fp16 per compiled head-dim
+    pair) keep everything in registers and shared memory."""
     usage = _resource_usage(arch)
+    mma_pairs = [d for d, tag in HEAD_DIM_PAIRS.items()
+                 if any(DECODE_ATTEND in n and "7MmaMath" in n and tag in n for n in usage)]
+    stages = {"20decode_select_kernel": 2, "21decode_combine_kernel": 4, DECODE_ATTEND: 4 + 2 * len(mma_pairs)}
     for stage, count in stages.items():
         found = {n: u for n, u in usage.items() if stage in n}
         assert len(found) == count, f"expected {count} instantiations of {stage} on sm_{arch}, got {sorted(found)}"

@@ -9,7 +9,7 @@ import torch
 import nsa_ext
 from nsa_ext import NSAConfig, reference
 
-from utils import GPU, assert_close_fp32, assert_within_torch_error, poisoned_outputs, requires_device, requires_gpu
+from utils import EMULATED_CUDA, GPU, assert_close_fp32, assert_within_torch_error, poisoned_outputs, requires_device, requires_gpu
 
 CONFIGS = {
     "small": NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_count=4, init_blocks=1,
@@ -112,6 +112,8 @@ def _with_indices(c, cfg, indices):
                                                   compress_block=cfg.compress_block,
                                                   compress_stride=cfg.compress_stride, max_seqlen_k=n)
         o_slc, _ = reference.selection_attention(q, k, v, indices[b:b + 1], select_block=cfg.select_block)
+        if c["k_swa"] is not None:
+            k, v = c["k_swa"][b:b + 1, :n], c["v_swa"][b:b + 1, :n]
         o_swa, _ = reference.sliding_window_attention(q, k, v, window=cfg.window)
         g_cmp, g_slc, g_swa = (g.unsqueeze(-1) for g in gates.unbind(-1))
         outs.append(g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa)
@@ -257,6 +259,66 @@ def test_cuda_low_precision(dtype):
         assert_close_fp32(out.cpu(), exact, rel=1e-5, name="decode cuda fp32")
     else:
         assert_within_torch_error(out.cpu(), _with_indices(c, cfg, exact_indices), exact, name=f"decode cuda {dtype}")
+
+
+def _ran_tensor_cores(step) -> bool:
+    """Whether step() ran the tensor-core attend kernel (MmaMath): emulated mma instructions under
+    emulation, the kernel's name in the profiler on a GPU."""
+    if EMULATED_CUDA:
+        nsa_ext._C._emulation_counters()  # resets them
+        step()
+        return nsa_ext._C._emulation_counters()["mma"] > 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return any("MmaMath" in e.name for e in prof.events())
+
+
+PAPER = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_count=16, init_blocks=1,
+                  local_blocks=2, window=512)
+
+
+@cuda
+@pytest.mark.parametrize("hq,hk,dk,dv,dtype", [
+    (2, 2, 64, 64, torch.bfloat16),     # G = 1
+    (4, 2, 128, 128, torch.float16),    # G = 2
+    (16, 4, 192, 128, torch.bfloat16),  # G = 4
+    (8, 1, 256, 256, torch.float16),    # G = 8
+    (32, 2, 64, 64, torch.bfloat16),    # G = 16: one full mma tile of heads
+    (48, 2, 128, 128, torch.float16),   # G = 24: a full and a partial head slice
+    (64, 2, 192, 128, torch.bfloat16),  # G = 32: two slices
+])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_cuda_tensor_cores_within_torch_error(hq, hk, dk, dv, dtype, tq):
+    # The tensor-core attend kernel: every tiled head-dim pair, groups below, at and above one mma
+    # tile, paper blocks over ragged caches (several splits per branch, chunks cut mid-block, a
+    # sequence shorter than a compressed token), own window keys.
+    c = make_cache([4100, 1500, 333, 20], tq, hq, hk, dk, dv, PAPER, True, dtype=dtype, seed=hq + dk + tq)
+    result = []
+    assert _ran_tensor_cores(lambda: result.extend(fused(_to(c, GPU), PAPER)))
+    out, indices = result
+    exact, exact_indices = per_sequence(_to(c, "cpu", torch.float64), PAPER)
+    assert torch.equal(indices.cpu(), exact_indices)
+    assert torch.isfinite(out).all()  # NaN rows past the live lengths were never read
+    assert_within_torch_error(out.cpu(), _with_indices(c, PAPER, exact_indices), exact, name=f"decode {dtype}")
+
+
+@cuda
+def test_cuda_unaligned_rows_take_the_simt_kernel():
+    # cp.async needs 16-byte aligned rows: caches one element off alignment run the SIMT attend kernel.
+    cfg = CONFIGS["small"]
+    c = make_cache(LENGTHS, 2, 8, 2, 64, 64, cfg, False, dtype=torch.bfloat16, seed=12)
+    on_device = _to(c, GPU)
+    for name in ("k", "v"):
+        t = on_device[name]
+        shifted = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        on_device[name] = shifted.copy_(t)
+    result = []
+    assert not _ran_tensor_cores(lambda: result.extend(fused(on_device, cfg)))
+    out, indices = result
+    exact, exact_indices = per_sequence(_to(c, "cpu", torch.float64), cfg)
+    assert torch.equal(indices.cpu(), exact_indices)
+    assert_within_torch_error(out.cpu(), _with_indices(c, cfg, exact_indices), exact, name="decode unaligned")
 
 
 @cuda
