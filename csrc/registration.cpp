@@ -137,6 +137,21 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_version"] = pybind11::none();
     info["cuda_archs"] = "";
 #endif
+    // Dk of the head-dim pairs with tensor-core kernels (NSA_CUDA_HEAD_DIMS; 192 pairs with Dv = 128).
+    std::vector<int> tiled_head_dims;
+#ifdef NSA_TILED_HDIM_64
+    tiled_head_dims.push_back(64);
+#endif
+#ifdef NSA_TILED_HDIM_128
+    tiled_head_dims.push_back(128);
+#endif
+#ifdef NSA_TILED_HDIM_192
+    tiled_head_dims.push_back(192);
+#endif
+#ifdef NSA_TILED_HDIM_256
+    tiled_head_dims.push_back(256);
+#endif
+    info["tiled_head_dims"] = tiled_head_dims;
     return info;
   });
 #ifdef NSA_EMULATE_CUDA

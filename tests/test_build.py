@@ -22,8 +22,9 @@ def test_build_info():
     assert info["cuda_kernels"] == wants_cuda
     if info["cuda_kernels"]:
         assert info["cuda_version"] and info["cuda_archs"]
+        assert set(info["tiled_head_dims"]) <= {64, 128, 192, 256}
     else:
-        assert info["cuda_version"] is None
+        assert info["cuda_version"] is None and info["tiled_head_dims"] == []
 
 
 @pytest.mark.parametrize("op", ["sliding_window_attention_fwd", "sliding_window_attention_bwd",

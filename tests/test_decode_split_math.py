@@ -30,20 +30,50 @@ def test_even_split_cuts_rows_in_order():
         assert max(e - b for b, e in parts) <= -(-rows // splits)
 
 
-@pytest.mark.parametrize("tasks", [1, 3, 128, 528, 5000])
-def test_split_counts_fill_the_device_with_enough_rows_each(tasks):
-    target, min_rows = 528, 128
+def _count(rows, per):
+    return -(-rows // per) if rows > per else 1
+
+
+def _modelled_time(tasks, slots, min_rows, blocks_per_task, rows_per_split):
+    """decode_split.h's model: waves of `slots` blocks, each taking its rows plus min_rows / 2."""
+    return -(-tasks * blocks_per_task // slots) * (rows_per_split + min_rows // 2)
+
+
+def _best_modelled_time(tasks, slots, min_rows, row_counts):
+    """Brute force over rows per split ceil(total / s), s = 1, 2, ... (>= min_rows rows unless s = 1)."""
+    total = sum(row_counts)
+    options = [max(-(-total // s), 1) for s in range(1, total + 2) if s == 1 or -(-total // s) >= min_rows]
+    return min(_modelled_time(tasks, slots, min_rows, sum(_count(r, per) for r in row_counts), per) for per in options)
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 128, 264, 300, 528, 5000])
+def test_split_counts_fill_the_waves_with_enough_rows_each(tasks):
+    slots, min_rows = 264, 128
     for rows in [(0, 0, 1), (10, 64, 12), (511, 1024, 512), (4095, 1024, 512), (65535, 2048, 4096)]:
-        counts = _C._decode_splits(tasks, target, min_rows, *rows)
+        counts = _C._decode_splits(tasks, slots, min_rows, *rows)
         assert all(c >= 1 for c in counts)
         for r, c in zip(rows, counts):
             assert c == 1 or -(-r // c) >= min_rows // 2, (rows, counts)  # no split of a few rows
-        if tasks >= target:
-            assert counts == (1, 1, 1)
+        # Optimal in the model (the counts' longest split stands for the rows per split).
+        for branch_rows, branch_counts in (rows[:1], counts[:1]), (rows[1:], counts[1:]):
+            longest = max(-(-r // c) for r, c in zip(branch_rows, branch_counts))
+            time = _modelled_time(tasks, slots, min_rows, sum(branch_counts), longest)
+            assert time <= _best_modelled_time(tasks, slots, min_rows, branch_rows), (rows, counts)
         # Each kernel fills the device on its own when the rows allow it.
         sparse_rows = rows[1] + rows[2]
-        assert tasks * counts[0] >= min(target, tasks * (rows[0] // min_rows)) // 2, (rows, counts)
-        assert tasks * (counts[1] + counts[2]) >= min(target, tasks * (sparse_rows // min_rows)) // 2, (rows, counts)
+        assert tasks * counts[0] >= min(slots, tasks * (rows[0] // min_rows)) // 2, (rows, counts)
+        assert tasks * (counts[1] + counts[2]) >= min(slots, tasks * (sparse_rows // min_rows)) // 2, (rows, counts)
+
+
+def test_split_counts_avoid_a_nearly_empty_last_wave():
+    # The issue's decode shape on an H200 with two resident blocks per SM: 128 tasks, 264 slots, 4095
+    # compressed tokens, 1024 selected and 512 window rows. Three splits per task (384 blocks) would
+    # leave the second wave 45% full; the plan fills its waves.
+    tasks, slots = 128, 264
+    counts = _C._decode_splits(tasks, slots, 128, 4095, 1024, 512)
+    for blocks in (tasks * counts[0], tasks * (counts[1] + counts[2])):
+        waves = -(-blocks // slots)
+        assert blocks / (waves * slots) > 0.9, counts
 
 
 @pytest.mark.parametrize("l,d,l_sel", CONFIGS)

@@ -20,19 +20,37 @@ struct DecodeSplits {
   NSA_HOST_DEVICE int64_t total() const { return compressed + selected + window; }
 };
 
-// Splits per task: the compressed kernel's blocks, and the sparse kernel's (selected and window splits
-// together), each aim at `target_blocks` over all tasks, with at least `min_rows` rows per split
-// (below that, the combine costs more than the split saves). The row counts are the most a task can
-// have per branch; min_rows >= 1.
-NSA_HOST_DEVICE DecodeSplits plan_decode_splits(int64_t tasks, int64_t target_blocks, int64_t min_rows,
-                                                int64_t token_rows, int64_t selected_rows, int64_t window_rows) {
-  const int64_t wanted = tasks >= target_blocks ? 1 : ceil_div(target_blocks, tasks);  // splits per task
-  const auto rows_per_split = [wanted, min_rows](int64_t rows) {
-    const int64_t per = ceil_div(rows, wanted);
-    return per > min_rows ? per : min_rows;
-  };
+// Splits per task of the compressed kernel and of the sparse kernel (selected and window splits share
+// one row count per split). Each minimises its launch's time in a simple model: the blocks run in
+// waves of `slots` (resident blocks on the device), and a block takes time for its rows plus a fixed
+// cost of min_rows / 2 rows (queries, first load, record); ties go to fewer splits (fewer records to
+// combine). So a split count that leaves a last wave nearly empty loses to one that fills its waves,
+// and no split has fewer than min_rows rows unless the branch has fewer. The row counts are the most
+// a task can have per branch; min_rows >= 1.
+NSA_HOST_DEVICE int64_t modelled_split_time(int64_t tasks, int64_t slots, int64_t min_rows, int64_t blocks_per_task,
+                                            int64_t rows_per_split) {
+  return ceil_div(tasks * blocks_per_task, slots) * (rows_per_split + min_rows / 2);
+}
+
+NSA_HOST_DEVICE DecodeSplits plan_decode_splits(int64_t tasks, int64_t slots, int64_t min_rows, int64_t token_rows,
+                                                int64_t selected_rows, int64_t window_rows) {
   const auto count = [](int64_t rows, int64_t per) { return rows > per ? ceil_div(rows, per) : int64_t(1); };
-  const int64_t compressed_rows = rows_per_split(token_rows), sparse_rows = rows_per_split(selected_rows + window_rows);
+  // Candidate rows per split: ceil(rows / s) for s = 1, 2, ... while that stays >= min_rows.
+  const auto best_rows_per_split = [&](int64_t rows, auto blocks_per_task) {
+    int64_t best = 0, best_time = 0;
+    for (int64_t s = 1; s == 1 || ceil_div(rows, s) >= min_rows; ++s) {
+      const int64_t per = rows > s ? ceil_div(rows, s) : 1;
+      const int64_t time = modelled_split_time(tasks, slots, min_rows, blocks_per_task(per), per);
+      if (s == 1 || time < best_time) {
+        best = per;
+        best_time = time;
+      }
+    }
+    return best;
+  };
+  const int64_t compressed_rows = best_rows_per_split(token_rows, [&](int64_t per) { return count(token_rows, per); });
+  const int64_t sparse_rows = best_rows_per_split(
+      selected_rows + window_rows, [&](int64_t per) { return count(selected_rows, per) + count(window_rows, per); });
   return {count(token_rows, compressed_rows), count(selected_rows, sparse_rows), count(window_rows, sparse_rows)};
 }
 

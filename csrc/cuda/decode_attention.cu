@@ -202,9 +202,9 @@ void decode_attention_cuda(const DecodeParams& p, at::ScalarType dtype) {
                       " keys per sequence: its ", max_blocks, " selection blocks need ", select_smem,
                       " bytes of shared memory, more than the device's ", limit);
 
-    // Splits aim at a few resident blocks per SM: as many as shared memory allows for the tensor-core
-    // kernel (about: the per-block limit stands in for the SM's), three for the SIMT one (~130
-    // registers per thread).
+    // Resident blocks per SM, the slots of the planner's waves: as many as shared memory allows for
+    // the tensor-core kernel (about: the per-block limit stands in for the SM's; at most 4), three for
+    // the SIMT one (~130 registers per thread).
     const int64_t block_heads = tensor_cores ? kMmaHeads : std::max<int64_t>(group, 1);
     const int64_t blocks_per_sm = tensor_cores ? std::clamp<int64_t>(limit / std::max<int64_t>(attend_smem, 1), 1, 4)
                                                : kSimtBlocksPerSm;

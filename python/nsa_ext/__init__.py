@@ -34,7 +34,8 @@ __version__ = _C.build_info()["version"]
 
 def build_info() -> dict:
     """How this build was made: package version, torch it was built against, CUDA version and
-    compiled architectures, and whether CUDA kernels are in."""
+    compiled architectures, whether CUDA kernels are in, and the head dims (Dk) with tensor-core
+    kernels (`tiled_head_dims`; other head dims and fp32/fp64 run the baseline CUDA kernels)."""
     return dict(_C.build_info())
 
 
