@@ -174,7 +174,6 @@ struct SimtMath {
         : heads_padded(round_up(p.num_heads_q / p.num_heads_k, kHeadsPerPass)), dim_padded(round_up(p.head_dim_qk, 4)) {}
   };
 
-  static int64_t block_heads(const DecodeParams& p) { return p.num_heads_q / p.num_heads_k; }
   static int64_t smem_bytes(const DecodeParams& p) {
     const Sizes z(p);
     const int64_t group = p.num_heads_q / p.num_heads_k;
@@ -282,7 +281,7 @@ struct SimtMath {
     }
   }
 
-  // The output rows of record `base` (the caller syncs first).
+  // The group's output rows of a record (`out`: its [G][Dv]), from shared memory (the caller syncs first).
   __device__ void store_out(const DecodeParams& p, const Task& t, acc_t* out) const {
     const int dv = static_cast<int>(p.head_dim_v);
     for (int e = threadIdx.x; e < t.heads * dv; e += kThreads) out[e] = acc[e];
@@ -318,7 +317,6 @@ struct MmaMath {
   static constexpr int kStrideV = kHeadDimV + MmaLayout::kPad;
   static_assert(kHeadDimQK % 16 == 0 && kCols % 16 == 0, "whole mma steps");
 
-  static int64_t block_heads(const DecodeParams&) { return kMmaHeads; }
   static int64_t smem_bytes(const DecodeParams& p) {
     return MmaLayout(kHeadDimQK, kHeadDimV, p.selection.select_count).total;
   }
