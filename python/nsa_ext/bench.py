@@ -313,12 +313,13 @@ def selection_workload(case: Case, mode: str, sets: int, gen: torch.Generator) -
                          mode, sets, gen, flops=flops)
 
 
-def nsa_flops(case: Case, indices: Tensor, positions: Tensor) -> float:
-    """Forward FLOPs of the three branches and of selection's scores, for queries at positions."""
+def nsa_flops(case: Case, indices: Tensor, positions: Tensor, select_scores: bool = True) -> float:
+    """Forward FLOPs of the three branches and, with select_scores, of select_blocks' recomputed
+    scores q k_cmp^T, for queries at positions."""
     cmp = compressed_keys(case, positions)
-    return (_attention_flops(case, window_keys(case, positions)) + _attention_flops(case, cmp)
-            + _attention_flops(case, selected_keys(case, indices, positions))
-            + 2.0 * case.head_dim * case.heads_q * float(cmp.double().sum()))
+    flops = (_attention_flops(case, window_keys(case, positions)) + _attention_flops(case, cmp)
+             + _attention_flops(case, selected_keys(case, indices, positions)))
+    return flops + (2.0 * case.head_dim * case.heads_q * float(cmp.double().sum()) if select_scores else 0.0)
 
 
 def nsa_workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> Step:
@@ -412,7 +413,8 @@ def decode_workload(case: Case, mode: str, sets: int, gen: torch.Generator) -> S
 
     _, indices = step(input_sets[0], return_indices=True)
     position = torch.tensor([case.seqlen - 1])
-    flops = sum(nsa_flops(case, indices[b].cpu(), position) for b in range(case.decode_batch))
+    # The fused op scores the blocks from the compressed branch's own probabilities: no second q k_cmp^T.
+    flops = sum(nsa_flops(case, indices[b].cpu(), position, select_scores=False) for b in range(case.decode_batch))
     return Step(lambda: step(next(turn)), flops=flops, read_bytes=decode_read_bytes(case, indices))
 
 
