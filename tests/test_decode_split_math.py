@@ -1,8 +1,9 @@
 """The split math of the CUDA decoding kernels (common/decode_split.h), run on the host through test
 hooks: split counts, even row splits, and the compressed branch's splits, whose blocks and tokens
 must be cut so that every token's softmax term is counted once and every block's score (Eq. 9) is
-summed by one split alone, chunk after chunk as decode_compressed_kernel does; and that algorithm in
-fp64, merged as the later kernels merge it, against the direct softmax and block scores."""
+summed by one split alone, chunk after chunk as the attend kernel does on the compressed branch; and
+that algorithm in fp64, merged as the later kernels merge it, against the direct softmax and block
+scores."""
 
 import itertools
 
@@ -11,7 +12,7 @@ import torch
 
 from nsa_ext import _C, reference
 
-CHUNK = 64  # kChunk of cuda/decode_attention.cu
+CHUNK = 64  # kChunk of cuda/decode/attend.h
 # (l, d, l'): the paper's, small ones, l = d = l', and l > l' (a token meets up to three blocks).
 CONFIGS = [(32, 16, 64), (8, 4, 16), (8, 8, 8), (16, 8, 32), (32, 8, 16), (4, 1, 64)]
 
@@ -115,9 +116,9 @@ def _check_chunk_walk(j, meeting, weights, scored_begin, token_end, block_begin,
 @pytest.mark.parametrize("l,d,l_sel", CONFIGS)
 @pytest.mark.parametrize("splits,chunk", [(1, CHUNK), (3, 5), (7, 2)])
 def test_split_walk_reproduces_lse_block_scores_and_output(l, d, l_sel, splits, chunk):
-    """decode_compressed_kernel's algorithm in fp64 (splits of the shared split math, chunks of `chunk`
-    tokens with running max, block sums continued across chunks) merged as decode_select_kernel and
-    decode_combine_kernel merge it, against the direct softmax and Eq. 9 over all tokens."""
+    """The compressed branch of decode_attend_kernel in fp64 (splits of the shared split math, chunks of
+    `chunk` tokens with running max, block sums continued across chunks) merged as decode_select_kernel
+    and decode_combine_kernel merge it, against the direct softmax and Eq. 9 over all tokens."""
     gen = torch.Generator().manual_seed(l * 1000 + d * 10 + splits)
     group, dim, tokens = 3, 8, 61
     q = torch.randn(group, dim, dtype=torch.float64, generator=gen) * 2
