@@ -114,11 +114,12 @@ else
   # --- 4. the issues' target shapes, 5. whatever the budget leaves -----------------------------------
   if [ "$has_gpu" = 1 ]; then
     # The tiled branches' target: bf16, T = 64k, Hq = 64, Hk = 4, D = 128, window 512, compressed d = 16.
+    # --profile: each row's largest kernels, so that one run says which launch to work on next.
     step bench-target 120 "$python" -m nsa_ext.bench --device cuda --dtype bfloat16 --seqlens 65536 --heads 64 \
-      --kv-heads 4 --head-dim 128
+      --kv-heads 4 --head-dim 128 --profile 4
     # Issue 8's decoding target: batch 32, context 64k, Hq = 64, Hk = 4, Dk = 192, Dv = 128 ("x copy" >= 0.8).
     step bench-decode 60 "$python" -m nsa_ext.bench --device cuda --ops decode --seqlens 65536 --heads 64 \
-      --kv-heads 4 --head-dims 192/128 --decode-batch 32
+      --kv-heads 4 --head-dims 192/128 --decode-batch 32 --profile 6
     # The CPU emulation of the CUDA kernels (~15 CPU minutes) adds nothing where they run for real.
     step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py
     step bench 120 "$python" -m nsa_ext.bench --device cuda

@@ -2,6 +2,8 @@
 shared), and the FLOP and byte counts behind its TFLOP/s and GB/s columns match brute force."""
 
 import csv
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +34,48 @@ def test_quick_run_prints_the_table_and_writes_csv(tmp_path, capsys):
     assert ("wrote" in out) or ("matplotlib not installed" in out)
 
 
+def test_profile_lists_the_largest_entries_of_each_row(capsys):
+    assert bench.main(["--quick", "--device", "cpu", "--ops", "window,decode", "--seqlens", "512",
+                       "--modes", "fwd", "--profile", "3"]) == 0
+    blocks = capsys.readouterr().out.split("profile of one run: ")[1:]
+    assert [b.split()[:2] for b in blocks] == [["window", "fwd"], ["decode", "fwd"]]
+    for block, op in zip(blocks, ["nsa::sliding_window_attention_fwd", "nsa::decode_attention"]):
+        entries = [line.split() for line in block.strip().splitlines()[2:]]
+        assert 1 <= len(entries) <= 3
+        shares = [float(e[0].rstrip("%")) for e in entries]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.05
+        assert op in [e[3] for e in entries]  # the op's own kernel is among the largest
+
+
+def test_kernel_names_lose_return_type_and_parameters():
+    name = "void nsa::decode::decode_attend_kernel<nsa::decode::MmaMath<__nv_bfloat16, 192, 128> >(nsa::DecodeParams, int)"
+    assert bench._kernel_name(name) == "nsa::decode::decode_attend_kernel<nsa::decode::MmaMath<__nv_bfloat16, 192, 128> >"
+    assert bench._kernel_name("aten::mm") == "aten::mm"
+    assert bench._kernel_name("x" * 200, width=20) == "x" * 17 + "..."
+
+
 def test_bad_arguments_are_reported():
     with pytest.raises(SystemExit):
         bench.main(["--ops", "nonsense"])
     with pytest.raises(SystemExit):
         bench.main(["--groups", "3"])  # does not divide 16 query heads
+    with pytest.raises(SystemExit):
+        bench.main(["--profile", "-1"])
+
+
+def test_gpu_check_benchmark_commands_parse():
+    """scripts/gpu_check.sh runs on a lent GPU with minutes to spare: a misspelt option there would
+    cost a step that cannot be rerun."""
+    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    commands = re.findall(r'"\$python" -m nsa_ext\.bench((?:\\\n|[^\n])*)', script)
+    assert len(commands) >= 4
+    for command in commands:
+        text = command.replace("\\\n", " ")
+        text = re.sub(r"\$\(\((.*?)\)\)", "8", text)  # $((4 * g)): any number of heads
+        args = [a.strip('"') for a in text.split()]
+        args = [a if not a.startswith("$") else "1" for a in args]  # $positions, $g
+        parsed = bench.build_parser().parse_args(args)
+        assert parsed.device == "cuda"
 
 
 def _case(seqlen, **config):

@@ -263,6 +263,7 @@ BAD_INPUTS = {
     "k dtype mismatch": (lambda b: dict(k=b.k.double()), "k"),
     "v dtype mismatch": (lambda b: dict(v=b.v.half()), "v"),
     "q last dim not contiguous": (lambda b: dict(q=b.q.transpose(-1, -2).contiguous().transpose(-1, -2)), "q"),
+    "q without heads": (lambda b: dict(q=b.q[:, :, :0]), "q"),
     "heads not divisible": (lambda b: dict(k=b.k[:, :, :1].expand(-1, -1, 3, -1).contiguous(),
                                            v=b.v[:, :, :1].expand(-1, -1, 3, -1).contiguous()), "k"),
     "v heads differ from k": (lambda b: dict(v=b.v[:, :, :1]), "v"),

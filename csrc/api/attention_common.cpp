@@ -31,6 +31,8 @@ DescribedInputs check_and_describe(const AttentionInputs& in) {
   check_same_dtype(in.v, v_name, q);
   const int64_t head_axis = rank - 2;
   const int64_t heads_q = q.size(head_axis), heads_k = in.k.size(head_axis);
+  // As decode_attention and select_blocks: a group of zero query heads would select blocks for nobody.
+  NSA_CHECK_ARG(heads_q >= 1, "q", "must have Hq >= 1 heads, got shape ", q.sizes());
   NSA_CHECK_ARG(heads_k >= 1 && heads_q % heads_k == 0, k_name,
                 "must have a number of heads Hk >= 1 that divides q's Hq = ", heads_q, ", got Hk = ", heads_k);
   check_size(in.v, v_name, head_axis, heads_k, "the heads of k, Hk");

@@ -37,6 +37,10 @@ Under the CUDA emulator (``scripts/emulate.sh``; ``--device cpu`` then runs the 
 CPU) times mean nothing, but the kernels' work does: "mma use" is NSA's FLOPs over the FLOPs of the
 ``mma.m16n8k16`` instructions one run issued (4096 each): the fraction of the tensor-core work that
 is not padding, masked or recomputed, an upper bound on the fraction of peak a GPU run can reach.
+
+``--profile N`` runs each NSA row once more under ``torch.profiler`` and prints, after the table, its
+N largest entries by self time: CUDA kernels on a GPU (which of a step's launches dominates, e.g.
+decoding's attend / select / combine kernels), operators on the CPU.
 """
 
 import argparse
@@ -583,6 +587,7 @@ class Row:
     read_bytes: float = 0.0
     memory_mb: Optional[float] = None
     mma_use: Optional[float] = None  # emulation build only: NSA FLOPs / mma FLOPs
+    profile: List["ProfileEntry"] = field(default_factory=list)  # --profile: one run's largest entries
 
     def speedup(self, baseline: str) -> Optional[float]:
         other = self.baselines.get(baseline)
@@ -607,9 +612,10 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def run_benchmarks(cases: List[Case], ops: List[str], modes: List[str], baselines: List[str], warmup: int,
-                   repeats: int, sets: int) -> List[Row]:
+                   repeats: int, sets: int, profile_top: int = 0) -> List[Row]:
     """Each (case, op, mode) against each baseline; a baseline shared by several ops (SDPA at the same
-    shape) is measured once per case and mode."""
+    shape) is measured once per case and mode. With profile_top, each NSA row also keeps that many
+    entries of one profiled run."""
     plan = [(case, op, mode) for case in cases for op in ops for mode in modes if mode in WORKLOADS[op].modes]
     shared: Dict[Tuple, Optional[float]] = {}
     total = len(plan) * (1 + len(baselines))
@@ -641,13 +647,71 @@ def run_benchmarks(cases: List[Case], ops: List[str], modes: List[str], baseline
         step = WORKLOADS[op].run(case, mode, sets, gen)
         seconds = measure(step, case.device, warmup, repeats)
         rows.append(Row(op, case, mode, seconds, times, step.flops, step.read_bytes, memory_mb(step, case.device),
-                        tensor_core_use(step)))
+                        tensor_core_use(step), profile_step(step, case.device, profile_top) if profile_top else []))
         done += 1
     _progress(done, total, "done")
     return rows
 
 
 MMA_FLOPS = 2 * 16 * 8 * 16  # one mma.m16n8k16
+
+
+@dataclass
+class ProfileEntry:
+    name: str
+    calls: int
+    seconds: float  # self time, summed over the calls
+    share: float    # of the self time of every entry on that device in the run
+
+
+def profile_step(step: Step, device: str, top: int) -> List[ProfileEntry]:
+    """The `top` largest entries by self time of one run: CUDA kernels on a GPU, operators on the CPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    if step.prepare is not None:
+        step.prepare()
+    _synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step.run()
+        _synchronize(device)
+    if cuda:
+        # Kernels only: a CPU operator's self time on a GPU is mostly launch overhead.
+        timed = [(e, getattr(e, "self_device_time_total", None) or e.self_cuda_time_total)
+                 for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(us for _, us in timed) or 1.0
+    timed.sort(key=lambda item: -item[1])
+    return [ProfileEntry(e.key, e.count, us / 1e6, us / total) for e, us in timed[:top]]
+
+
+def _kernel_name(name: str, width: int = 96) -> str:
+    """A kernel's name without its return type and parameter list, cut to `width` characters."""
+    name = name[5:] if name.startswith("void ") else name
+    depth = 0
+    for i, ch in enumerate(name):  # the parameter list is the first "(" outside template brackets
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and i > 0:
+            name = name[:i]
+            break
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def format_profiles(rows: List[Row]) -> str:
+    blocks = []
+    for r in rows:
+        if not r.profile:
+            continue
+        c = r.case
+        kind = "CUDA kernels" if c.device.startswith("cuda") else "CPU operators"
+        lines = [f"profile of one run: {r.op} {r.mode} T={c.seqlen} G={c.group} D={c.head_dim}/{c.head_dim_v} "
+                 f"{_dtype_name(c.dtype)} ({kind} by self time)",
+                 f"  {'share':>6}  {'ms':>9}  {'calls':>5}  name"]
+        for e in r.profile:
+            lines.append(f"  {e.share:6.1%}  {e.seconds * 1e3:9.3f}  {e.calls:5d}  {_kernel_name(e.name)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def tensor_core_use(step: Step) -> Optional[float]:
@@ -753,7 +817,7 @@ def _ints(text: str) -> List[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(prog="python -m nsa_ext.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -782,6 +846,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tile-positions", type=int, default=None,
                         help="CUDA selection: cap the query positions per forward/dq tile (sets "
                              "NSA_SELECTION_TILE_POSITIONS), to measure how small groups should be packed")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N largest kernels (CUDA) or operators (CPU) of one run of each NSA row")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input-sets", type=int, default=2, help="input copies the runs rotate over")
@@ -789,6 +855,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: T = 512, 1024, fwd and fwd+bwd, one repeat")
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     parser.add_argument("--plot", default=None, help="speedup vs T to this PNG (needs matplotlib)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -832,8 +903,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"threads {torch.get_num_threads()} | Hq={args.heads} | window={config.window} l={config.compress_block} "
           f"d={config.compress_stride} l'={config.select_block} n={config.select_count} | decode batch "
           f"{decode_batch} | {repeats} repeats after {warmup} warm-up, {args.input_sets} input sets")
-    rows = run_benchmarks(cases, ops, modes, baselines, warmup, repeats, args.input_sets)
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
+    rows = run_benchmarks(cases, ops, modes, baselines, warmup, repeats, args.input_sets, args.profile)
     print(format_table(rows, baselines))
+    if args.profile:
+        print()
+        print(format_profiles(rows))
     if args.csv:
         write_csv(rows, baselines, args.csv)
     if args.plot:
