@@ -165,16 +165,25 @@ PYBIND11_MODULE(_C, m) {
         d["mma"] = c.mma;
         d["ldmatrix"] = c.ldmatrix;
         d["cp_async"] = c.cp_async;
+        d["wgmma"] = c.wgmma;
         c = nsa::emu::Counters{};
         return d;
       },
-      "what the emulated CUDA kernels ran since the last call (launches, blocks, warp mma / ldmatrix, cp.async)");
+      "what the emulated CUDA kernels ran since the last call (launches, blocks, warp mma / ldmatrix, cp.async, wgmma in m16n8k16 units)");
   m.def("_emulation_selftest_cases", &nsa::emu::selftest_cases, "names of the emulator's rule-breaking test kernels");
   m.def("_emulation_selftest", &nsa::emu::selftest,
         "runs one rule-breaking test kernel; returns the emulator's error message ('' if the launch succeeded)");
 #endif
   // Test hooks for the CUDA kernels' index math, which runs identically on the host.
   m.def("_fragment_layout", &fragment_layout, "mma.m16n8k16 / ldmatrix fragment table: [lane][element] -> (row, col)");
+  m.def("_core_offset", &nsa::mma::core_offset, "byte offset of (row, col) in a core-matrix tile of `rows` rows");
+  m.def(
+      "_core_descriptor",
+      [](bool n_major, uint32_t tile_address, int rows, int row0, int col0) {
+        return n_major ? nsa::mma::n_major_descriptor(tile_address, rows, row0, col0)
+                       : nsa::mma::k_major_descriptor(tile_address, rows, row0, col0);
+      },
+      "wgmma descriptor of a core-matrix tile's operand starting at (row0, col0): K-major or N-major");
   m.def(
       "_key_tiles",
       [](const std::string& kind, int64_t a, int64_t b, int64_t query_offset, int64_t first_row, int64_t last_row,

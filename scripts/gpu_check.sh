@@ -3,7 +3,7 @@
 # no network), within a time budget (GPU_CHECK_BUDGET seconds, default 480):
 #   scripts/gpu_check.sh LOGDIR
 # 1. builds the extension for sm_90a only with every core (scripts/build_direct.py);
-# 2. runs the CUDA tests;
+# 2. runs the CUDA tests (the dense ones again with the forward on wgmma, NSA_WGMMA=1);
 # 3. runs compute-sanitizer memcheck and racecheck on one small case per kernel family;
 # 4. benchmarks the issues' target shapes (tiled branches, decoding);
 # 5. with the time left: the whole suite, the default benchmark sweep, selection tiles per group size.
@@ -97,6 +97,12 @@ else
     step tests-cpu 300 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py
   fi
 
+  if [ "$has_gpu" = 1 ]; then
+    # The dense forward on Hopper's wgmma (opt-in until this step has passed on a GPU): the same tests.
+    step tests-cuda-wgmma 90 env NSA_WGMMA=1 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py \
+      -k "reference or boundaries or cpu_kernel or nothing or deterministic or tiled_kernels or graph"
+  fi
+
   # --- 3. compute-sanitizer ----------------------------------------------------------------------
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
     /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
@@ -117,6 +123,10 @@ else
     # --profile: each row's largest kernels, so that one run says which launch to work on next.
     step bench-target 120 "$python" -m nsa_ext.bench --device cuda --dtype bfloat16 --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dim 128 --profile 4
+    # The same branches' forward on wgmma (NSA_WGMMA=1): issue 6's target is 60% of the tensor-core rate,
+    # out of mma.sync's reach on Hopper.
+    step bench-target-wgmma 60 env NSA_WGMMA=1 "$python" -m nsa_ext.bench --device cuda --ops window,compressed \
+      --modes fwd --dtypes bfloat16 --seqlens 65536 --heads 64 --kv-heads 4 --head-dims 128 --profile 3
     # Issue 8's decoding target: batch 32, context 64k, Hq = 64, Hk = 4, Dk = 192, Dv = 128 ("x copy" >= 0.8).
     step bench-decode 60 "$python" -m nsa_ext.bench --device cuda --ops decode --seqlens 65536 --heads 64 \
       --kv-heads 4 --head-dims 192/128 --decode-batch 32 --profile 6
@@ -140,6 +150,7 @@ echo
 note "summary after $(elapsed)s:"
 for line in "${summary[@]}"; do note "  $line"; done
 if [ -f "$logdir/bench-target.log" ]; then echo; echo "== target shape =="; cat "$logdir/bench-target.log"; fi
+if [ -f "$logdir/bench-target-wgmma.log" ]; then echo; echo "== target shape, forward on wgmma =="; cat "$logdir/bench-target-wgmma.log"; fi
 if [ -f "$logdir/bench-decode.log" ]; then echo; echo "== decoding target =="; cat "$logdir/bench-decode.log"; fi
 if [ -f "$logdir/bench.log" ]; then echo; echo "== python -m nsa_ext.bench --device cuda =="; cat "$logdir/bench.log"; fi
 for f in "$logdir"/bench-selection-*.log; do

@@ -22,6 +22,9 @@ SELECT_KERNEL = "5tiled19select_tiled_kernel"
 # The decoding attend kernel (cuda/decode/attend.h), instantiated per arithmetic: MmaMath<Element, Dk,
 # Dv> (tensor cores) for bf16 / fp16 and each compiled head-dim pair, SimtMath for the four dtypes.
 DECODE_ATTEND = "20decode_attend_kernel"
+# The forward kernels that multiply with wgmma (TileMma = WarpgroupMma, cuda/tile/attention.h): Hopper
+# code on sm_90a, a stub elsewhere (the host launches them only on sm_90 devices).
+WARPGROUP_MMA = "12WarpgroupMma"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
 FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"), "selection": ("SelectionSchedule", "SelectionKeyBlock")}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
@@ -81,9 +84,24 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
         kernels = {n: body for n, body in functions.items() if tag in n}
         assert kernels, f"no {family} {kind} kernel for sm_{arch}"
         for name, body in kernels.items():
-            _assert_tensor_core_code(name, body, arch)
+            if WARPGROUP_MMA not in name:
+                _assert_tensor_core_code(name, body, arch)
         compiled = [d for d, pair in HEAD_DIM_PAIRS.items() if any(pair in n for n in kernels)]
         assert compiled, f"no head-dim pair in the {family} {kind} kernel names"
+
+
+@pytest.mark.parametrize("arch", [a for a in _archs() if a == "90a"])
+def test_dense_forward_has_a_warpgroup_mma_kernel_on_sm90a(arch):
+    """Per compiled head-dim pair and dtype, a dense forward kernel on wgmma (HGMMA 64 x N x 16 with f32
+    accumulators, operands from shared memory loaded by cp.async), no mma.sync or ldmatrix left."""
+    kernels = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
+               if TILED_KERNELS["fwd"] in n and WARPGROUP_MMA in n and FAMILIES["dense"][0] in n}
+    pairs = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in kernels)]
+    assert len(kernels) == 2 * len(pairs) > 0, sorted(kernels)
+    for name, body in kernels.items():
+        assert re.search(r"\bHGMMA\.64x(32|64)x16\.F32\b", body), f"{name}: no HGMMA.64xNx16.F32"
+        assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS)"
+        assert "HMMA" not in body and "LDSM" not in body, f"{name}: mma.sync / ldmatrix left"
 
 
 @pytest.mark.parametrize("arch", _archs())

@@ -9,8 +9,9 @@ import torch
 import nsa_ext
 from nsa_ext import reference
 
-from utils import (GPU, LOW_PRECISION, assert_within_torch_error, check_bitwise_reruns, check_tensor_core_kernels,
-                   cu_seqlens, grads, max_error, poisoned_outputs, random_batch, requires_device, requires_gpu)
+from utils import (EMULATED_CUDA, GPU, LOW_PRECISION, assert_within_torch_error, check_bitwise_reruns,
+                   check_tensor_core_kernels, cu_seqlens, grads, max_error, poisoned_outputs, random_batch,
+                   requires_device, requires_gpu)
 
 pytestmark = requires_gpu
 
@@ -148,6 +149,39 @@ def test_tiled_kernels_are_the_ones_that_run():
         [lambda: out.append(nsa_ext.sliding_window_attention(x.q, x.k, x.v, window=16)[0]),
          lambda: out[0].sum().backward()],
         [f"tiled::{kernel}" for kernel in ("fwd_kernel", "delta_kernel", "dq_kernel", "dkv_kernel")])
+
+
+def _wgmma_available():
+    if EMULATED_CUDA:
+        return True  # the emulator is an H200
+    return torch.cuda.get_device_capability()[0] == 9 and "9.0a" in nsa_ext.build_info()["cuda_archs"].split()
+
+
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=lambda d: f"{d[0]}-{d[1]}")
+def test_wgmma_forward_matches_reference(dims, monkeypatch):
+    """The Hopper forward (NSA_WGMMA=1: wgmma, core-matrix tiles) under the same 2x-torch-error rule,
+    both branches, packed with empty and length-1 sequences, G = 3 (tiles straddle positions), and it
+    is the kernel that runs (emulated wgmma instructions, no mma.sync; on a GPU its kernel name)."""
+    if not _wgmma_available():
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a code")
+    monkeypatch.setenv("NSA_WGMMA", "1")
+    gen = torch.Generator().manual_seed(dims[0] + 11)
+    exact = random_batch([0, 1, 150, 77], [0, 1, 150, 203], 6, 2, dims[0], dims[1], True, generator=gen)
+    check_against_reference(window_fn(37), exact, torch.bfloat16, gen)
+    exact = compressed_inputs([1, 0, 300, 45], [40, 0, 300, 400], 6, 2, dims[0], dims[1], 32, 16, True, gen)
+    check_against_reference(compressed_fn(32, 16), exact, torch.float16, gen)
+    x = exact.to(torch.bfloat16, GPU)
+    run = lambda: compressed_fn(32, 16)(nsa_ext, x)  # noqa: E731
+    if EMULATED_CUDA:
+        nsa_ext._C._emulation_counters()
+        run()
+        ran = nsa_ext._C._emulation_counters()
+        assert ran["wgmma"] > 0 and ran["mma"] == 0 and ran["ldmatrix"] == 0, ran
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        assert any("WarpgroupMma" in e.name for e in prof.events())
 
 
 def test_unaligned_rows_fall_back_to_the_baseline():

@@ -1,5 +1,6 @@
 """Index math of the tiled CUDA kernels, checked on the CPU: the mma.m16n8k16 / ldmatrix fragment
-tables of csrc/common/mma_layout.h against the PTX ISA, and the key-tile schedule of
+tables of csrc/common/mma_layout.h against the PTX ISA, the wgmma shared-memory layout and descriptors
+against the PTX ISA's canonical layouts, and the key-tile schedule of
 csrc/common/tile_schedule.h against brute force over the visibility masks."""
 
 import itertools
@@ -187,3 +188,61 @@ def test_window_of_512_at_64k_visits_order_w_keys():
         begin, end, ib, ie = _C._key_tiles("window", w, 0, 0, first, first + 7, t, block_n)
         assert (end - begin) * block_n <= w + 8 + 2 * block_n
         assert ie - ib >= (w - 8) // block_n - 2 or first < w
+
+
+# --- wgmma operands (csrc/common/mma_layout.h, cuda/tile/wgmma.h) ----------------------------------
+# PTX ISA 9.7.15.5.1.2 "Shared Memory Matrix Layout": descriptor bits 13-0 start address, 29-16 leading
+# dimension byte offset (LBO), 45-32 stride dimension byte offset (SBO), each (x & 0x3FFFF) >> 4, bits
+# 63-62 swizzle (0: none). Canonical layouts without swizzling, in elements, T = 8 16-bit elements per
+# 16 bytes: K-major ((8,m),(T,2k)):((1T,SBO),(1,LBO)); MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)).
+
+def decode(desc):
+    assert desc >> 62 == 0 and (desc >> 49) & 7 == 0  # no swizzle, base offset 0
+    return tuple(((desc >> shift) & 0x3FFF) << 4 for shift in (0, 16, 32))  # start, LBO, SBO in bytes
+
+
+def ptx_k_major(desc, mn, k):
+    start, lbo, sbo = decode(desc)
+    return start + (mn % 8) * 16 + (mn // 8) * sbo + (k % 8) * 2 + (k // 8) * lbo
+
+
+def ptx_mn_major(desc, k, mn):
+    start, lbo, sbo = decode(desc)
+    return start + (mn % 8) * 2 + (k % 8) * 16 + (mn // 8) * sbo + (k // 8) * lbo
+
+
+def test_descriptor_bits_match_the_ptx_example():
+    # PTX's K-major no-swizzle example: LBO 64 tf32 (256 bytes) encodes as 16, SBO 32 tf32 as 8.
+    desc = _C._core_descriptor(False, 4096, 16, 0, 0)  # a 16-row tile: LBO = 16 * 16, SBO = 128
+    assert decode(desc) == (4096, 256, 128)
+    assert (desc >> 16) & 0x3FFF == 16 and (desc >> 32) & 0x3FFF == 8
+
+
+@pytest.mark.parametrize("rows", [32, 64, 128])
+def test_k_major_operand_reads_the_tile_the_loader_wrote(rows):
+    """Q (A, 64 rows of a warpgroup) and K (B, all rows) of Q K^T: every element of each 16-wide k-step
+    the descriptor names is where core_offset put it."""
+    base = 2048
+    for row0 in range(0, rows, 64) if rows >= 64 else [0]:
+        m = min(64, rows)
+        for col0 in (0, 16, 48):
+            desc = _C._core_descriptor(False, base, rows, row0, col0)
+            for mn, k in itertools.product(range(m), range(16)):
+                assert ptx_k_major(desc, mn, k) == base + _C._core_offset(rows, row0 + mn, col0 + k)
+
+
+@pytest.mark.parametrize("rows", [32, 64])
+def test_n_major_operand_reads_the_tile_the_loader_wrote(rows):
+    """V (B of P V, keys down the rows): k-step kk covers keys 16kk .. 16kk + 15, an instruction 64
+    columns from col0."""
+    base = 8192
+    for row0, col0 in itertools.product(range(0, rows, 16), (0, 64, 192)):
+        desc = _C._core_descriptor(True, base, rows, row0, col0)
+        for k, mn in itertools.product(range(16), range(64)):
+            assert ptx_mn_major(desc, k, mn) == base + _C._core_offset(rows, row0 + k, col0 + mn)
+
+
+def test_core_offset_is_a_bijection_onto_the_tile():
+    rows, cols = 64, 192
+    offsets = {_C._core_offset(rows, r, c) for r in range(rows) for c in range(cols)}
+    assert offsets == set(range(0, rows * cols * 2, 2))

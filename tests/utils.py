@@ -253,15 +253,15 @@ def check_bitwise_reruns(run_once, runs: int = 3):
 def check_tensor_core_kernels(steps, names):
     """The steps (callables, run one after another) launch kernels whose names contain each of `names`
     (the profiler's kernel names). Under emulation, where kernels have no names, each step must run
-    tensor-core code instead: emulated mma, ldmatrix and cp.async instructions, which the emulation
-    build counts (a step that fell back to a baseline kernel runs none)."""
+    tensor-core code instead: emulated mma and ldmatrix (or wgmma) and cp.async instructions, which the
+    emulation build counts (a step that fell back to a baseline kernel runs none)."""
     if EMULATED_CUDA:
         import nsa_ext
         for step in steps:
             nsa_ext._C._emulation_counters()
             step()
             ran = nsa_ext._C._emulation_counters()
-            assert ran["mma"] > 0 and ran["ldmatrix"] > 0 and ran["cp_async"] > 0, ran
+            assert (ran["mma"] > 0 and ran["ldmatrix"] > 0 or ran["wgmma"] > 0) and ran["cp_async"] > 0, ran
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for step in steps:

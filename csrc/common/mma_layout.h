@@ -10,6 +10,8 @@
 //   A is 16 x 16 (M x K), 8 halves per lane: a0..a7, packed two per 32-bit register.
 //   B is 16 x 8  (K x N), 4 halves per lane: b0..b3.
 //   C/D is 16 x 8 (M x N), 4 floats per lane: c0..c3.
+#include <cstdint>
+
 #include "common/host_device.h"
 
 namespace nsa {
@@ -85,6 +87,36 @@ NSA_HOST_DEVICE constexpr RowCol ldmatrix_x4_element(Operand op, int lane, int r
   // Where that matrix sits in the 16 x 16 tile: the addresses lanes 8*reg .. 8*reg+7 supplied.
   const RowCol origin = ldmatrix_x4_address(op, reg * 8);
   return {origin.row + in_matrix.row, origin.col + in_matrix.col};
+}
+
+// --- wgmma shared-memory operands (cuda/tile/wgmma.h) ---------------------------------------------
+// A 16-bit tile of `rows` rows in the canonical no-swizzle core-matrix layout, column-chunk-major:
+// chunk c (columns 8c .. 8c + 7) of rows 8g .. 8g + 7 is one 8 x 16-byte core matrix at
+// c * rows * 16 + g * 128 bytes.
+
+// Byte offset of element (row, col) of such a tile.
+NSA_HOST_DEVICE constexpr int core_offset(int rows, int row, int col) {
+  return (col / 8) * rows * 16 + (row / 8) * 128 + (row % 8) * 16 + (col % 8) * 2;
+}
+
+// The 64-bit shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
+// leading and stride byte offsets, each encoded as (x & 0x3FFFF) >> 4; no swizzle, base offset 0.
+NSA_HOST_DEVICE constexpr uint64_t matrix_descriptor(uint32_t smem_address, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  return uint64_t((smem_address & 0x3FFFF) >> 4) | uint64_t((leading_bytes & 0x3FFFF) >> 4) << 16 |
+         uint64_t((stride_bytes & 0x3FFFF) >> 4) << 32;
+}
+
+// Descriptor of the K-major operand that starts at row `row0`, column `col0` (a multiple of 8) of a
+// core-matrix tile with kRows rows (Q as A, K as B of Q K^T).
+NSA_HOST_DEVICE constexpr uint64_t k_major_descriptor(uint32_t tile_address, int rows, int row0, int col0) {
+  return matrix_descriptor(tile_address + core_offset(rows, row0, col0), rows * 16, 128);
+}
+
+// Descriptor of the N-major B whose K runs down the tile's rows from `row0` and N along its columns
+// from `col0` (V as B of P V, rows = keys).
+NSA_HOST_DEVICE constexpr uint64_t n_major_descriptor(uint32_t tile_address, int rows, int row0, int col0) {
+  return matrix_descriptor(tile_address + core_offset(rows, row0, col0), 128, rows * 16);
 }
 
 }  // namespace mma

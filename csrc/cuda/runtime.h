@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #ifdef NSA_EMULATE_CUDA
@@ -53,6 +55,22 @@ inline DeviceLimits current_device_limits() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sm_count, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return limits;
+#endif
+}
+
+// Whether the forward kernels use Hopper's warpgroup tensor-core instructions (wgmma): a compute
+// capability 9.x device, a build with sm_90a code (NSA_CUDA_ARCHS), and NSA_WGMMA=1 — opt-in until
+// they have run on a GPU (scripts/gpu_check.sh tests and times both paths). The emulator is an H200.
+inline bool use_warpgroup_mma() {
+  const char* opt_in = std::getenv("NSA_WGMMA");
+  if (opt_in == nullptr || std::strcmp(opt_in, "1") != 0) return false;
+#ifdef NSA_EMULATE_CUDA
+  return true;
+#else
+  if (std::strstr(NSA_CUDA_ARCHS, "9.0a") == nullptr) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
+  return major == 9;
 #endif
 }
 

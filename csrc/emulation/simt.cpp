@@ -362,6 +362,72 @@ void mma_combine(const void* const* in, void* const* out, unsigned) {
   }
 }
 
+struct WgmmaIn {
+  uint32_t a[4];
+  bool a_in_registers, accumulate, trans_b, bf16;
+  uint64_t desc_a, desc_b;
+  int n, warp_rank;
+  float d[256 / 2];
+};
+
+// A 16-bit element of a descriptor's matrix: row `mn` (M or N), column `k`, K-major or MN-major.
+// PTX ISA canonical layouts without swizzle, in bytes: K-major ((8,m),(8,2k)):((16,SBO),(2,LBO)),
+// MN-major ((8,m),(8,k)):((2,SBO),(16,LBO)).
+uint16_t descriptor_element(const Launch& l, uint64_t desc, int mn, int k, bool mn_major) {
+  const uint64_t start = (desc & 0x3FFF) << 4, leading = (desc >> 16 & 0x3FFF) << 4, stride = (desc >> 32 & 0x3FFF) << 4;
+  if (desc >> 62 != 0 || (desc >> 49 & 0x7) != 0) fail("wgmma: only no-swizzle descriptors with base offset 0 are emulated");
+  const uint64_t offset = mn_major ? start + (mn % 8) * 2 + (mn / 8) * stride + (k % 8) * 16 + (k / 8) * leading
+                                   : start + (mn % 8) * 16 + (mn / 8) * stride + (k % 8) * 2 + (k / 8) * leading;
+  if (offset + 2 > l.smem_bytes) fail("wgmma: operand outside the block's dynamic shared memory");
+  uint16_t bits;
+  std::memcpy(&bits, l.smem.get() + offset, 2);
+  return bits;
+}
+
+void wgmma_combine(const void* const* in, void* const* out, unsigned) {
+  const WgmmaIn& first = *static_cast<const WgmmaIn*>(in[0]);
+  const int n = first.n;
+  for (int lane = 1; lane < 32; ++lane) {
+    const WgmmaIn& x = *static_cast<const WgmmaIn*>(in[lane]);
+    if (x.n != n || x.desc_a != first.desc_a || x.desc_b != first.desc_b || x.accumulate != first.accumulate ||
+        x.trans_b != first.trans_b || x.a_in_registers != first.a_in_registers || x.warp_rank != first.warp_rank)
+      fail("wgmma: the lanes of a warp passed different operands");
+  }
+  g_counters.wgmma += n / 8;
+  const Launch& l = running();
+  const bool bf16 = first.bf16;
+  std::vector<float> a(16 * 16), b(16 * n);
+  for (int k = 0; k < 16; ++k)
+    for (int col = 0; col < n; ++col) b[k * n + col] = to_float(descriptor_element(l, first.desc_b, col, k, first.trans_b), bf16);
+  if (first.a_in_registers) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const WgmmaIn& x = *static_cast<const WgmmaIn*>(in[lane]);
+      const int g = lane / 4, t = lane % 4;
+      for (int i = 0; i < 4; ++i) {  // the mma.m16n8k16 A fragment
+        const int row = g + (i % 2) * 8, col = 2 * t + (i / 2) * 8;
+        a[row * 16 + col] = to_float(static_cast<uint16_t>(x.a[i] & 0xffff), bf16);
+        a[row * 16 + col + 1] = to_float(static_cast<uint16_t>(x.a[i] >> 16), bf16);
+      }
+    }
+  } else {
+    for (int row = 0; row < 16; ++row)
+      for (int k = 0; k < 16; ++k)
+        a[row * 16 + k] = to_float(descriptor_element(l, first.desc_a, 16 * first.warp_rank + row, k, false), bf16);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const WgmmaIn& x = *static_cast<const WgmmaIn*>(in[lane]);
+    float* d = static_cast<float*>(out[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < n / 8; ++j)
+      for (int i = 0; i < 4; ++i) {  // the mma.m16n8k16 C fragment of columns 8j .. 8j + 7
+        const int row = g + (i / 2) * 8, col = 8 * j + 2 * t + i % 2;
+        float sum = first.accumulate ? x.d[4 * j + i] : 0.f;
+        for (int k = 0; k < 16; ++k) sum += a[row * 16 + k] * b[k * n + col];
+        d[4 * j + i] = sum;
+      }
+  }
+}
+
 }  // namespace
 
 Counters& counters() { return g_counters; }
@@ -498,6 +564,32 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
   const void* address = smem;
   warp_collective(0xffffffffu, trans ? "ldmatrix.x4.trans" : "ldmatrix.x4",
                   trans ? ldmatrix_combine<true> : ldmatrix_combine<false>, &address, &r);
+}
+
+uint32_t shared_offset(const void* p) {
+  Launch& l = running();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < l.smem.get() || c > l.smem.get() + l.smem_bytes) fail("shared address outside the block's dynamic shared memory");
+  return static_cast<uint32_t>(c - l.smem.get());
+}
+
+void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool accumulate,
+                    bool trans_b, bool bf16) {
+  if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: n must be a multiple of 8 in [8, 256]");
+  WgmmaIn in{};
+  in.a_in_registers = a_regs != nullptr;
+  if (a_regs) std::memcpy(in.a, a_regs, sizeof(in.a));
+  in.accumulate = accumulate;
+  in.trans_b = trans_b;
+  in.bf16 = bf16;
+  in.desc_a = desc_a;
+  in.desc_b = desc_b;
+  in.n = n;
+  in.warp_rank = static_cast<int>(indices().thread_idx.x / 32 % 4);
+  std::memcpy(in.d, d, sizeof(float) * n / 2);
+  float out[256 / 2];
+  warp_collective(0xffffffffu, bf16 ? "wgmma.m64nNk16.bf16" : "wgmma.m64nNk16.f16", wgmma_combine, &in, &out);
+  std::memcpy(d, out, sizeof(float) * n / 2);
 }
 
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {

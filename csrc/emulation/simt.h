@@ -61,6 +61,7 @@ struct Indices {
 // What ran since the last reset; warp instructions count once per warp (test hook _emulation_counters).
 struct Counters {
   int64_t launches = 0, blocks = 0, mma = 0, ldmatrix = 0, cp_async = 0;
+  int64_t wgmma = 0;  // in units of m16n8k16 (a warp's share of an m64nNk16 counts n / 8)
 };
 Counters& counters();
 
@@ -85,6 +86,15 @@ void cp_async_wait(int pending);
 // ldmatrix .m8n8.x4.b16 (trans: .trans) from each lane's row address; mma.m16n8k16 f32 accumulate.
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+
+// The shared-window address of p (__cvta_generic_to_shared): its offset in the block's dynamic shared memory.
+uint32_t shared_offset(const void* p);
+// wgmma.mma_async.m64nNk16 .f32 with .bf16 / .f16 inputs, completed when issued: this warp's 16 rows
+// (warp % 4 of its warpgroup) of D[64 x n] = A * B (+ D when accumulate). A from a_regs (the lane's
+// four A registers) or, when a_regs is null, from the K-major descriptor desc_a; B from desc_b,
+// N-major when trans_b. Descriptors are decoded as the PTX ISA defines them (no swizzle only).
+void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool accumulate,
+                    bool trans_b, bool bf16);
 
 // Test hook (selftest.cpp): runs a small kernel that breaks one rule; returns the emulator's error, or
 // "" when the launch succeeded.

@@ -722,7 +722,8 @@ def tensor_core_use(step: Step) -> Optional[float]:
         step.prepare()
     nsa_ext._C._emulation_counters()  # resets them
     step.run()
-    mma = nsa_ext._C._emulation_counters()["mma"]
+    counters = nsa_ext._C._emulation_counters()
+    mma = counters["mma"] + counters["wgmma"]  # wgmma counts in m16n8k16 units
     return step.flops / (mma * MMA_FLOPS) if mma else None
 
 

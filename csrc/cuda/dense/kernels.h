@@ -108,8 +108,12 @@ template <typename Kt>
 void launch_fwd(const AttentionParams& p) {
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t tiles = (p.max_seqlen_q * group + Kt::kRows - 1) / Kt::kRows;
-  launch_kernel(fwd_kernel<Kt, DenseSchedule<Kt::kBlockN>>, checked_grid(p.num_seqs * tiles, p.num_heads_k),
-                Kt::kThreads, Kt::kFwdSmem, p);
+  const dim3 grid = checked_grid(p.num_seqs * tiles, p.num_heads_k);
+  using Schedule = DenseSchedule<Kt::kBlockN>;
+  if (use_warpgroup_mma())
+    launch_kernel(fwd_kernel<Kt, Schedule, WarpgroupMma<Kt>>, grid, Kt::kThreads, WarpgroupMma<Kt>::kSmem, p);
+  else
+    launch_kernel(fwd_kernel<Kt, Schedule>, grid, Kt::kThreads, Kt::kFwdSmem, p);
 }
 
 template <typename Element, typename DqKt, typename DkvKt>

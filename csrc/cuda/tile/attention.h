@@ -3,8 +3,9 @@
 // (dense: sliding window and compressed tokens, csrc/cuda/dense/; selected blocks,
 // csrc/cuda/selection/). What differs between families is which keys a query tile visits and which
 // queries a key tile serves; that is a policy type, the kernels are one template each:
-//   fwd_kernel<Kt, Schedule>   one block per (query tile, kv head): online softmax over the key tiles
-//                              the schedule lists.
+//   fwd_kernel<Kt, Schedule, TileMma>  one block per (query tile, kv head): online softmax over the
+//                              key tiles the schedule lists; TileMma: mma.sync (WarpMma) or, on sm_90a,
+//                              wgmma (WarpgroupMma).
 //   delta_kernel               delta = rowsum(dO * O) - dlse per (query row, head).
 //   dq_kernel<Kt, Schedule>    one block per (query tile, kv head): dQ = scale * sum over key tiles of dS K.
 //   dkv_kernel<Kt, KeyBlock>   one block per (key tile, kv head, column slice): dK, dV over the query
@@ -34,6 +35,7 @@
 #include "cuda/runtime.h"
 #include "cuda/tile/device_utils.h"
 #include "cuda/tile/traits.h"
+#include "cuda/tile/wgmma.h"
 
 namespace nsa {
 namespace tiled {
@@ -82,6 +84,16 @@ __device__ __forceinline__ int64_t key_offset(const Strides& st, const SeqSpan& 
   return st.offset(s.batch, s.k_row_begin + key, kv_head);
 }
 
+// A [kRows, kCols] tile into shared memory, row r from row_ptr(r) (nullptr: zero row): rows of kStride
+// elements (kStride > 0; ldmatrix reads them) or, with kStride = kCoreMatrices, the core-matrix
+// layout that wgmma reads (cuda/tile/wgmma.h).
+constexpr int kCoreMatrices = 0;
+template <int kRows, int kCols, int kStride, int kThreads, typename Element, typename RowPtr>
+__device__ __forceinline__ void load_tile(Element* smem, const Element* any_valid, RowPtr row_ptr) {
+  if constexpr (kStride == kCoreMatrices) load_core_tile_async<kRows, kCols, kThreads>(smem, any_valid, row_ptr);
+  else load_tile_async<kRows, kCols, kStride, kThreads>(smem, any_valid, row_ptr);
+}
+
 // [kRows, kDim] tile of stacked query rows [row0, row0 + kRows) of a [.., Hq, D] tensor (q, dout) into
 // shared memory; rows at or past row_end are zero-filled.
 template <int kRows, int kDim, int kStride, int kThreads, typename Element>
@@ -89,7 +101,7 @@ __device__ __forceinline__ void load_stacked_rows(Element* smem, const void* bas
                                                   const SeqSpan& s, int64_t row0, int64_t row_end, int64_t group,
                                                   int64_t kv_head) {
   const Element* t = static_cast<const Element*>(base);
-  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
+  load_tile<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
     return row0 + r < row_end ? t + stacked_offset(st, s, row0 + r, group, kv_head) : nullptr;
   });
 }
@@ -100,27 +112,33 @@ template <int kRows, int kDim, int kStride, int kThreads, typename Element>
 __device__ __forceinline__ void load_key_rows(Element* smem, const void* base, const Strides& st, const SeqSpan& s,
                                               int64_t key0, int64_t key_limit, int64_t kv_head) {
   const Element* t = static_cast<const Element*>(base);
-  load_tile_async<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
+  load_tile<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
     return key0 + r < key_limit ? t + key_offset(st, s, key0 + r, kv_head) : nullptr;
   });
 }
 
-// The kBlockN-key tile starting at key0 of K and V into pipeline stage `stage` (forward and dq kernels).
-template <typename Kt>
+// Row stride (elements) of a tile in shared memory; a core-matrix tile is dense.
+constexpr int tile_row_elements(int stride, int cols) { return stride == kCoreMatrices ? cols : stride; }
+
+// The kBlockN-key tile starting at key0 of K and V into pipeline stage `stage` (forward and dq
+// kernels), in rows of Kt's strides or (kCore) as core matrices.
+template <typename Kt, bool kCore = false>
 __device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename Kt::Element* sV,
                                               const AttentionParams& p, const SeqSpan& s, int64_t kv_head,
                                               int64_t key0, int64_t key_limit, int stage) {
   constexpr int kN = Kt::kBlockN;
-  load_key_rows<kN, Kt::kHeadDimQK, Kt::kStrideQK, Kt::kThreads>(sK + stage * kN * Kt::kStrideQK, p.k,
-                                                                    p.k_strides, s, key0, key_limit, kv_head);
-  load_key_rows<kN, Kt::kHeadDimV, Kt::kStrideV, Kt::kThreads>(sV + stage * kN * Kt::kStrideV, p.v, p.v_strides,
-                                                                  s, key0, key_limit, kv_head);
+  constexpr int kSqk = kCore ? kCoreMatrices : Kt::kStrideQK, kSv = kCore ? kCoreMatrices : Kt::kStrideV;
+  load_key_rows<kN, Kt::kHeadDimQK, kSqk, Kt::kThreads>(sK + stage * kN * tile_row_elements(kSqk, Kt::kHeadDimQK),
+                                                        p.k, p.k_strides, s, key0, key_limit, kv_head);
+  load_key_rows<kN, Kt::kHeadDimV, kSv, Kt::kThreads>(sV + stage * kN * tile_row_elements(kSv, Kt::kHeadDimV), p.v,
+                                                      p.v_strides, s, key0, key_limit, kv_head);
 }
 
 // Double buffering: starts loading step + 1 into the other stage (when there is one), waits for this
 // step's tiles and synchronises the block. The stage it overwrites was released by the barrier that
-// ended the previous iteration.
-template <typename LoadStep>
+// ended the previous iteration. kTensorCoreReads: the tiles are read by wgmma (the async proxy),
+// which sees this thread's cp.async writes only after a proxy fence before the barrier.
+template <bool kTensorCoreReads = false, typename LoadStep>
 __device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, int stage, LoadStep&& load_step) {
   if (step + 1 < steps) {
     load_step(step + 1, stage ^ 1);
@@ -129,6 +147,7 @@ __device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, in
   } else {
     cp_async_wait<0>();
   }
+  if constexpr (kTensorCoreReads) fence_async_shared();
   __syncthreads();
 }
 
@@ -150,6 +169,72 @@ __device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedu
 // ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
+
+// How the forward kernel multiplies (its TileMma parameter). Both leave a warp's 16 x kN scores and
+// 16 x Dv output in the mma.m16n8k16 accumulator layout, so everything between the products is shared.
+//   WarpMma:      mma.sync, each warp its 16 rows; tiles in padded rows read by ldmatrix (sm_80+).
+//   WarpgroupMma: wgmma, each warpgroup its 64 rows in one instruction per 16-wide k-step; tiles as
+//                 core matrices read by the tensor cores directly (sm_90a; cuda/tile/wgmma.h).
+template <typename Kt>
+struct WarpMma {
+  using Element = typename Kt::Element;
+  static constexpr int kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  static constexpr int kStrideQK = Kt::kStrideQK, kStrideV = Kt::kStrideV;  // as load_tile takes them
+  static constexpr int kRowQK = kStrideQK, kRowV = kStrideV;                 // elements per tile row
+  static constexpr bool kPerWarp = true;  // a warp may skip a tile none of its rows sees
+  static constexpr int kSmem = Kt::kFwdSmem;
+
+  // sc (zeroed) = Q K^T for this warp's rows.
+  __device__ static void scores(float (&sc)[kN / 8][4], const Element* sQ, const Element* sK, int warp, int lane) {
+    gemm_ss<Element, kN, kDqk>(sc, sQ + warp * 16 * kStrideQK, kStrideQK, sK, kStrideQK, lane);
+  }
+  // acc_o += P V.
+  __device__ static void accumulate(float (&acc_o)[kDv / 8][4], const uint32_t (&pa)[kN / 16][4], const Element* sV,
+                                    int warp, int lane) {
+    gemm_rs<Element, kDv, kN>(acc_o, pa, sV, kStrideV, lane);
+  }
+};
+
+template <typename Kt>
+struct WarpgroupMma {
+  using Element = typename Kt::Element;
+  static constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  static constexpr int kStrideQK = kCoreMatrices, kStrideV = kCoreMatrices;
+  static constexpr int kRowQK = kDqk, kRowV = kDv;
+  static constexpr bool kPerWarp = false;  // wgmma is issued by all four warps of a warpgroup
+  static constexpr int kSmem = Kt::kElem * (kM * kDqk + 2 * kN * (kDqk + kDv));
+  static constexpr int kOutCols = 64;  // the n of the P V instructions
+  static_assert(Kt::kWarps % 4 == 0 && (kN == 32 || kN == 64) && kDv % kOutCols == 0, "wgmma shapes");
+
+  __device__ static void scores(float (&sc)[kN / 8][4], const Element* sQ, const Element* sK, int warp, int) {
+    const uint32_t q = smem_addr(sQ), k = smem_addr(sK);
+    const int row0 = warp / 4 * 64;  // this warpgroup's rows of the query tile
+    fence_registers(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDqk / 16; ++kk)
+      wgmma_ss<Element, 0, kN>(sc, mma::k_major_descriptor(q, kM, row0, 16 * kk),
+                               mma::k_major_descriptor(k, kN, 0, 16 * kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait();
+    fence_registers(sc);
+  }
+  __device__ static void accumulate(float (&acc_o)[kDv / 8][4], const uint32_t (&pa)[kN / 16][4], const Element* sV,
+                                    int, int) {
+    const uint32_t v = smem_addr(sV);
+    fence_registers(acc_o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int c = 0; c < kDv / kOutCols; ++c)
+        wgmma_rs<Element, 1, kOutCols>(reinterpret_cast<float(&)[kOutCols / 8][4]>(acc_o[c * kOutCols / 8]), pa[kk],
+                                       mma::n_major_descriptor(v, kN, 16 * kk, c * kOutCols), 1);
+    wgmma_commit();
+    wgmma_wait();
+    fence_registers(acc_o);
+  }
+};
 
 // One online-softmax step on a warp's 16 x kN scores in log2 units (masked ones -inf): sc becomes P
 // (unnormalised), the running max / sum and the output accumulators are rescaled. Per accumulator row
@@ -183,11 +268,12 @@ __device__ __forceinline__ void online_softmax(float (&sc)[kN / 8][4], float (&r
   }
 }
 
-template <typename Kt, typename Schedule>
+template <typename Kt, typename Schedule, typename TileMma = WarpMma<Kt>>
 __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedule::Params p) {
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
+  constexpr int kSqk = TileMma::kRowQK, kSv = TileMma::kRowV, kThreads = Kt::kThreads;
+  constexpr bool kCore = TileMma::kStrideQK == kCoreMatrices;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
@@ -198,7 +284,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   const SeqSpan& s = qt.span;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = mma::thread_in_group(lane);
-  const Schedule sched(p, qt, sK, smem_raw + Kt::kFwdSmem, warp, lane);
+  const Schedule sched(p, qt, sK, smem_raw + TileMma::kSmem, warp, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;  // scores kept in log2 units
 
   float acc_o[kDv / 8][4];  // O: [16 x kDv] per warp
@@ -210,22 +296,22 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   if (steps > 0) {
     auto load_step = [&](int64_t step, int stage) {
       const auto at = sched.at(step);
-      load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+      load_kv_stage<Kt, kCore>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
     };
-    load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end,
-                                                         qt.group, qt.kv_head);
+    load_stacked_rows<kM, kDqk, TileMma::kStrideQK, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin,
+                                                                       qt.row_end, qt.group, qt.kv_head);
     load_step(0, 0);
     cp_async_commit();
 
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
-      advance_pipeline(step, steps, stage, load_step);
+      advance_pipeline<kCore>(step, steps, stage, load_step);
 
       const auto at = sched.at(step);
-      if (sched.warp_active(at)) {
+      if (!TileMma::kPerWarp || sched.warp_active(at)) {
         float sc[kN / 8][4];  // S = Q K^T: [16 x kN] per warp, then P
         zero(sc);
-        gemm_ss<Element, kN, kDqk>(sc, sQ + warp * 16 * kSqk, kSqk, sK + stage * kN * kSqk, kSqk, lane);
+        TileMma::scores(sc, sQ, sK + stage * kN * kSqk, warp, lane);
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
@@ -235,7 +321,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
         online_softmax<kN, kDv>(sc, row_max, row_sum, acc_o);
         uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN]
         accumulators_to_a<Element, kN>(pa, sc);
-        gemm_rs<Element, kDv, kN>(acc_o, pa, sV + stage * kN * kSv, kSv, lane);  // O += P V
+        TileMma::accumulate(acc_o, pa, sV + stage * kN * kSv, warp, lane);  // O += P V
       }
       __syncthreads();
     }
