@@ -98,7 +98,7 @@ else
   fi
 
   if [ "$has_gpu" = 1 ]; then
-    # The dense forward on Hopper's wgmma (opt-in until this step has passed on a GPU): the same tests.
+    # The dense forward and dq on Hopper's wgmma (opt-in until this step has passed on a GPU): the same tests.
     step tests-cuda-wgmma 90 env NSA_WGMMA=1 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py \
       -k "reference or boundaries or cpu_kernel or nothing or deterministic or tiled_kernels or graph"
   fi

@@ -22,7 +22,7 @@ SELECT_KERNEL = "5tiled19select_tiled_kernel"
 # The decoding attend kernel (cuda/decode/attend.h), instantiated per arithmetic: MmaMath<Element, Dk,
 # Dv> (tensor cores) for bf16 / fp16 and each compiled head-dim pair, SimtMath for the four dtypes.
 DECODE_ATTEND = "20decode_attend_kernel"
-# The forward kernels that multiply with wgmma (TileMma = WarpgroupMma, cuda/tile/attention.h): Hopper
+# The forward and dq kernels that multiply with wgmma (TileMma = WarpgroupMma, cuda/tile/attention.h): Hopper
 # code on sm_90a, a stub elsewhere (the host launches them only on sm_90 devices).
 WARPGROUP_MMA = "12WarpgroupMma"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
@@ -90,12 +90,13 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
         assert compiled, f"no head-dim pair in the {family} {kind} kernel names"
 
 
+@pytest.mark.parametrize("kind", ["fwd", "dq"])
 @pytest.mark.parametrize("arch", [a for a in _archs() if a == "90a"])
-def test_dense_forward_has_a_warpgroup_mma_kernel_on_sm90a(arch):
-    """Per compiled head-dim pair and dtype, a dense forward kernel on wgmma (HGMMA 64 x N x 16 with f32
-    accumulators, operands from shared memory loaded by cp.async), no mma.sync or ldmatrix left."""
+def test_dense_kernels_have_warpgroup_mma_versions_on_sm90a(arch, kind):
+    """Per compiled head-dim pair and dtype, a dense forward and dq kernel on wgmma (HGMMA 64 x N x 16
+    with f32 accumulators, operands from shared memory loaded by cp.async), no mma.sync or ldmatrix left."""
     kernels = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
-               if TILED_KERNELS["fwd"] in n and WARPGROUP_MMA in n and FAMILIES["dense"][0] in n}
+               if TILED_KERNELS[kind] in n and WARPGROUP_MMA in n and FAMILIES["dense"][0] in n}
     pairs = [d for d, tag in HEAD_DIM_PAIRS.items() if any(tag in n for n in kernels)]
     assert len(kernels) == 2 * len(pairs) > 0, sorted(kernels)
     for name, body in kernels.items():

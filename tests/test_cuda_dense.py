@@ -159,9 +159,10 @@ def _wgmma_available():
 
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=lambda d: f"{d[0]}-{d[1]}")
 def test_wgmma_forward_matches_reference(dims, monkeypatch):
-    """The Hopper forward (NSA_WGMMA=1: wgmma, core-matrix tiles) under the same 2x-torch-error rule,
-    both branches, packed with empty and length-1 sequences, G = 3 (tiles straddle positions), and it
-    is the kernel that runs (emulated wgmma instructions, no mma.sync; on a GPU its kernel name)."""
+    """The Hopper forward and dq kernels (NSA_WGMMA=1: wgmma, core-matrix tiles) under the same
+    2x-torch-error rule, both branches, packed with empty and length-1 sequences, G = 3 (tiles straddle
+    positions), and they are the kernels that run (emulated wgmma instructions, no mma.sync in the
+    forward; on a GPU their kernel names)."""
     if not _wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a code")
     monkeypatch.setenv("NSA_WGMMA", "1")
@@ -170,18 +171,25 @@ def test_wgmma_forward_matches_reference(dims, monkeypatch):
     check_against_reference(window_fn(37), exact, torch.bfloat16, gen)
     exact = compressed_inputs([1, 0, 300, 45], [40, 0, 300, 400], 6, 2, dims[0], dims[1], 32, 16, True, gen)
     check_against_reference(compressed_fn(32, 16), exact, torch.float16, gen)
-    x = exact.to(torch.bfloat16, GPU)
-    run = lambda: compressed_fn(32, 16)(nsa_ext, x)  # noqa: E731
+    x = exact.to(torch.bfloat16, GPU, requires_grad=True)
+    out = []
+    forward = lambda: out.append(compressed_fn(32, 16)(nsa_ext, x)[0])  # noqa: E731
+    backward = lambda: out[0].float().sum().backward()  # noqa: E731
     if EMULATED_CUDA:
-        nsa_ext._C._emulation_counters()
-        run()
-        ran = nsa_ext._C._emulation_counters()
-        assert ran["wgmma"] > 0 and ran["mma"] == 0 and ran["ldmatrix"] == 0, ran
+        ran = []
+        for step in (forward, backward):
+            nsa_ext._C._emulation_counters()
+            step()
+            ran.append(nsa_ext._C._emulation_counters())
+        assert ran[0]["wgmma"] > 0 and ran[0]["mma"] == 0 and ran[0]["ldmatrix"] == 0, ran[0]
+        assert ran[1]["wgmma"] > 0, ran[1]  # dq (dk / dv stay on mma.sync)
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run()
+            forward()
+            backward()
             torch.cuda.synchronize()
-        assert any("WarpgroupMma" in e.name for e in prof.events())
+        names = [e.name for e in prof.events() if "WarpgroupMma" in e.name]
+        assert any("fwd_kernel" in n for n in names) and any("dq_kernel" in n for n in names), names
 
 
 def test_unaligned_rows_fall_back_to_the_baseline():

@@ -111,7 +111,7 @@ void launch_fwd(const AttentionParams& p) {
   const dim3 grid = checked_grid(p.num_seqs * tiles, p.num_heads_k);
   using Schedule = DenseSchedule<Kt::kBlockN>;
   if (use_warpgroup_mma())
-    launch_kernel(fwd_kernel<Kt, Schedule, WarpgroupMma<Kt>>, grid, Kt::kThreads, WarpgroupMma<Kt>::kSmem, p);
+    launch_kernel(fwd_kernel<Kt, Schedule, WarpgroupMma<Kt>>, grid, Kt::kThreads, WarpgroupMma<Kt>::kFwdSmem, p);
   else
     launch_kernel(fwd_kernel<Kt, Schedule>, grid, Kt::kThreads, Kt::kFwdSmem, p);
 }
@@ -121,8 +121,13 @@ void launch_bwd(const AttentionBwdParams& p) {
   launch_delta<Element>(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t q_tiles = (p.max_seqlen_q * group + DqKt::kRows - 1) / DqKt::kRows;
-  launch_kernel(dq_kernel<DqKt, DenseSchedule<DqKt::kBlockN>>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k),
-                DqKt::kThreads, DqKt::kDqSmem, p);
+  const dim3 q_grid = checked_grid(p.num_seqs * q_tiles, p.num_heads_k);
+  using Schedule = DenseSchedule<DqKt::kBlockN>;
+  if (use_warpgroup_mma())
+    launch_kernel(dq_kernel<DqKt, Schedule, WarpgroupMma<DqKt>>, q_grid, DqKt::kThreads, WarpgroupMma<DqKt>::kDqSmem,
+                  p);
+  else
+    launch_kernel(dq_kernel<DqKt, Schedule>, q_grid, DqKt::kThreads, DqKt::kDqSmem, p);
   const int64_t k_tiles = (p.max_key_rows + DkvKt::kRows - 1) / DkvKt::kRows;
   launch_kernel(dkv_kernel<DkvKt, DenseKeyBlock>, checked_grid(p.num_seqs * k_tiles, p.num_heads_k, DkvKt::kSplitD),
                 DkvKt::kThreads, DkvKt::kDkvSmem, p);

@@ -7,7 +7,8 @@
 //                              key tiles the schedule lists; TileMma: mma.sync (WarpMma) or, on sm_90a,
 //                              wgmma (WarpgroupMma).
 //   delta_kernel               delta = rowsum(dO * O) - dlse per (query row, head).
-//   dq_kernel<Kt, Schedule>    one block per (query tile, kv head): dQ = scale * sum over key tiles of dS K.
+//   dq_kernel<Kt, Schedule, TileMma>  one block per (query tile, kv head): dQ = scale * sum over key
+//                              tiles of dS K (TileMma as the forward's).
 //   dkv_kernel<Kt, KeyBlock>   one block per (key tile, kv head, column slice): dK, dV over the query
 //                              rows the KeyBlock policy lists. No atomics anywhere: every output element
 //                              is written by one thread after a fixed-order loop, so reruns are bitwise equal.
@@ -170,28 +171,35 @@ __device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedu
 // Forward
 // ---------------------------------------------------------------------------------------------------
 
-// How the forward kernel multiplies (its TileMma parameter). Both leave a warp's 16 x kN scores and
-// 16 x Dv output in the mma.m16n8k16 accumulator layout, so everything between the products is shared.
+// How the forward and dq kernels multiply (their TileMma parameter). Both leave a warp's 16-row
+// results in the mma.m16n8k16 accumulator layout, so everything between the products is shared.
 //   WarpMma:      mma.sync, each warp its 16 rows; tiles in padded rows read by ldmatrix (sm_80+).
 //   WarpgroupMma: wgmma, each warpgroup its 64 rows in one instruction per 16-wide k-step; tiles as
 //                 core matrices read by the tensor cores directly (sm_90a; cuda/tile/wgmma.h).
+// Tiles: the block's query-row tile ([kRows][..]: Q, dO) is the A of abt for the warp's rows; key tiles
+// ([kBlockN][..]: K, V) are the B of abt (rows = n) and of pb (rows = the k of P's columns).
 template <typename Kt>
 struct WarpMma {
   using Element = typename Kt::Element;
-  static constexpr int kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  static constexpr int kStrideQK = Kt::kStrideQK, kStrideV = Kt::kStrideV;  // as load_tile takes them
-  static constexpr int kRowQK = kStrideQK, kRowV = kStrideV;                 // elements per tile row
+  // Elements per shared-memory row of a tile of kCols columns, and the stride load_tile takes.
+  template <int kCols>
+  static constexpr int kRowElements = kCols + Kt::kPad;
+  template <int kCols>
+  static constexpr int kLoadStride = kCols + Kt::kPad;
   static constexpr bool kPerWarp = true;  // a warp may skip a tile none of its rows sees
-  static constexpr int kSmem = Kt::kFwdSmem;
+  static constexpr int kFwdSmem = Kt::kFwdSmem, kDqSmem = Kt::kDqSmem;
 
-  // sc (zeroed) = Q K^T for this warp's rows.
-  __device__ static void scores(float (&sc)[kN / 8][4], const Element* sQ, const Element* sK, int warp, int lane) {
-    gemm_ss<Element, kN, kDqk>(sc, sQ + warp * 16 * kStrideQK, kStrideQK, sK, kStrideQK, lane);
+  // acc (zeroed) = A B^T over kK columns: A the warp's 16 rows of a query-row tile, B kNOut key rows.
+  template <int kNOut, int kK>
+  __device__ static void abt(float (&acc)[kNOut / 8][4], const Element* a, const Element* b, int warp, int lane) {
+    constexpr int kStride = kRowElements<kK>;
+    gemm_ss<Element, kNOut, kK>(acc, a + warp * 16 * kStride, kStride, b, kStride, lane);
   }
-  // acc_o += P V.
-  __device__ static void accumulate(float (&acc_o)[kDv / 8][4], const uint32_t (&pa)[kN / 16][4], const Element* sV,
-                                    int warp, int lane) {
-    gemm_rs<Element, kDv, kN>(acc_o, pa, sV, kStrideV, lane);
+  // acc += P B: P as A fragments over kKeys key rows, B their [kKeys][kNOut] tile.
+  template <int kNOut, int kKeys>
+  __device__ static void pb(float (&acc)[kNOut / 8][4], const uint32_t (&pa)[kKeys / 16][4], const Element* b, int,
+                            int lane) {
+    gemm_rs<Element, kNOut, kKeys>(acc, pa, b, kRowElements<kNOut>, lane);
   }
 };
 
@@ -199,40 +207,46 @@ template <typename Kt>
 struct WarpgroupMma {
   using Element = typename Kt::Element;
   static constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  static constexpr int kStrideQK = kCoreMatrices, kStrideV = kCoreMatrices;
-  static constexpr int kRowQK = kDqk, kRowV = kDv;
+  template <int kCols>
+  static constexpr int kRowElements = kCols;
+  template <int kCols>
+  static constexpr int kLoadStride = kCoreMatrices;
   static constexpr bool kPerWarp = false;  // wgmma is issued by all four warps of a warpgroup
-  static constexpr int kSmem = Kt::kElem * (kM * kDqk + 2 * kN * (kDqk + kDv));
-  static constexpr int kOutCols = 64;  // the n of the P V instructions
-  static_assert(Kt::kWarps % 4 == 0 && (kN == 32 || kN == 64) && kDv % kOutCols == 0, "wgmma shapes");
+  static constexpr int kFwdSmem = Kt::kElem * (kM * kDqk + 2 * kN * (kDqk + kDv));
+  static constexpr int kDqSmem = Kt::kElem * (kM + 2 * kN) * (kDqk + kDv);
+  static constexpr int kOutCols = 64;  // the n of the P B instructions
+  static_assert(Kt::kWarps % 4 == 0 && (kN == 32 || kN == 64) && kDqk % kOutCols == 0 && kDv % kOutCols == 0,
+                "wgmma shapes");
 
-  __device__ static void scores(float (&sc)[kN / 8][4], const Element* sQ, const Element* sK, int warp, int) {
-    const uint32_t q = smem_addr(sQ), k = smem_addr(sK);
+  template <int kNOut, int kK>
+  __device__ static void abt(float (&acc)[kNOut / 8][4], const Element* a, const Element* b, int warp, int) {
+    const uint32_t a_tile = smem_addr(a), b_tile = smem_addr(b);
     const int row0 = warp / 4 * 64;  // this warpgroup's rows of the query tile
-    fence_registers(sc);
+    fence_registers(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kDqk / 16; ++kk)
-      wgmma_ss<Element, 0, kN>(sc, mma::k_major_descriptor(q, kM, row0, 16 * kk),
-                               mma::k_major_descriptor(k, kN, 0, 16 * kk), kk > 0);
+    for (int kk = 0; kk < kK / 16; ++kk)
+      wgmma_ss<Element, 0, kNOut>(acc, mma::k_major_descriptor(a_tile, kM, row0, 16 * kk),
+                                  mma::k_major_descriptor(b_tile, kNOut, 0, 16 * kk), kk > 0);
     wgmma_commit();
     wgmma_wait();
-    fence_registers(sc);
+    fence_registers(acc);
   }
-  __device__ static void accumulate(float (&acc_o)[kDv / 8][4], const uint32_t (&pa)[kN / 16][4], const Element* sV,
-                                    int, int) {
-    const uint32_t v = smem_addr(sV);
-    fence_registers(acc_o);
+  template <int kNOut, int kKeys>
+  __device__ static void pb(float (&acc)[kNOut / 8][4], const uint32_t (&pa)[kKeys / 16][4], const Element* b, int,
+                            int) {
+    const uint32_t b_tile = smem_addr(b);
+    fence_registers(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk)
+    for (int kk = 0; kk < kKeys / 16; ++kk)
 #pragma unroll
-      for (int c = 0; c < kDv / kOutCols; ++c)
-        wgmma_rs<Element, 1, kOutCols>(reinterpret_cast<float(&)[kOutCols / 8][4]>(acc_o[c * kOutCols / 8]), pa[kk],
-                                       mma::n_major_descriptor(v, kN, 16 * kk, c * kOutCols), 1);
+      for (int c = 0; c < kNOut / kOutCols; ++c)
+        wgmma_rs<Element, 1, kOutCols>(reinterpret_cast<float(&)[kOutCols / 8][4]>(acc[c * kOutCols / 8]), pa[kk],
+                                       mma::n_major_descriptor(b_tile, kKeys, 16 * kk, c * kOutCols), 1);
     wgmma_commit();
     wgmma_wait();
-    fence_registers(acc_o);
+    fence_registers(acc);
   }
 };
 
@@ -272,8 +286,9 @@ template <typename Kt, typename Schedule, typename TileMma = WarpMma<Kt>>
 __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedule::Params p) {
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = TileMma::kRowQK, kSv = TileMma::kRowV, kThreads = Kt::kThreads;
-  constexpr bool kCore = TileMma::kStrideQK == kCoreMatrices;
+  constexpr int kSqk = TileMma::template kRowElements<kDqk>, kSv = TileMma::template kRowElements<kDv>;
+  constexpr int kThreads = Kt::kThreads;
+  constexpr bool kCore = !TileMma::kPerWarp;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
@@ -284,7 +299,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   const SeqSpan& s = qt.span;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = mma::thread_in_group(lane);
-  const Schedule sched(p, qt, sK, smem_raw + TileMma::kSmem, warp, lane);
+  const Schedule sched(p, qt, sK, smem_raw + TileMma::kFwdSmem, warp, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;  // scores kept in log2 units
 
   float acc_o[kDv / 8][4];  // O: [16 x kDv] per warp
@@ -298,8 +313,8 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
       const auto at = sched.at(step);
       load_kv_stage<Kt, kCore>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
     };
-    load_stacked_rows<kM, kDqk, TileMma::kStrideQK, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin,
-                                                                       qt.row_end, qt.group, qt.kv_head);
+    load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
+        sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
     load_step(0, 0);
     cp_async_commit();
 
@@ -311,7 +326,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
       if (!TileMma::kPerWarp || sched.warp_active(at)) {
         float sc[kN / 8][4];  // S = Q K^T: [16 x kN] per warp, then P
         zero(sc);
-        TileMma::scores(sc, sQ, sK + stage * kN * kSqk, warp, lane);
+        TileMma::template abt<kN, kDqk>(sc, sQ, sK + stage * kN * kSqk, warp, lane);
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
@@ -321,7 +336,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
         online_softmax<kN, kDv>(sc, row_max, row_sum, acc_o);
         uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN]
         accumulators_to_a<Element, kN>(pa, sc);
-        TileMma::accumulate(acc_o, pa, sV + stage * kN * kSv, warp, lane);  // O += P V
+        TileMma::template pb<kDv, kN>(acc_o, pa, sV + stage * kN * kSv, warp, lane);  // O += P V
       }
       __syncthreads();
     }
@@ -382,11 +397,13 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const Attention
 // = -inf) and rows past the sequence, which makes their P exactly 0 in every tile.
 __device__ __forceinline__ float lse_log2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-template <typename Kt, typename Schedule>
+template <typename Kt, typename Schedule, typename TileMma = WarpMma<Kt>>
 __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedule::BwdParams p) {
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
-  constexpr int kSqk = Kt::kStrideQK, kSv = Kt::kStrideV, kThreads = Kt::kThreads;
+  constexpr int kSqk = TileMma::template kRowElements<kDqk>, kSv = TileMma::template kRowElements<kDv>;
+  constexpr int kThreads = Kt::kThreads;
+  constexpr bool kCore = !TileMma::kPerWarp;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sdO = sQ + kM * kSqk;                         // [kM][kSv]
@@ -398,7 +415,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   const SeqSpan& s = qt.span;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = mma::group_id(lane), t = mma::thread_in_group(lane);
-  const Schedule sched(p, qt, sK, smem_raw + Kt::kDqSmem, warp, lane);
+  const Schedule sched(p, qt, sK, smem_raw + TileMma::kDqSmem, warp, lane);
   const int64_t steps = sched.steps();
   // dq is zero-filled by the host: tiles without keys have nothing to add.
   if (steps == 0) return;
@@ -415,13 +432,13 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   auto load_step = [&](int64_t step, int stage) {
     const auto at = sched.at(step);
-    load_kv_stage<Kt>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+    load_kv_stage<Kt, kCore>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
   };
 
-  load_stacked_rows<kM, kDqk, kSqk, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group,
-                                                       qt.kv_head);
-  load_stacked_rows<kM, kDv, kSv, kThreads, Element>(sdO, p.dout, p.dout_strides, s, qt.row_begin, qt.row_end,
-                                                     qt.group, qt.kv_head);
+  load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
+      sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
+  load_stacked_rows<kM, kDv, TileMma::template kLoadStride<kDv>, kThreads, Element>(
+      sdO, p.dout, p.dout_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
   load_step(0, 0);
   cp_async_commit();
 
@@ -429,16 +446,16 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   zero(acc_dq);
   for (int64_t step = 0; step < steps; ++step) {
     const int stage = static_cast<int>(step & 1);
-    advance_pipeline(step, steps, stage, load_step);
+    advance_pipeline<kCore>(step, steps, stage, load_step);
     const auto at = sched.at(step);
-    if (sched.warp_active(at)) {
+    if (!TileMma::kPerWarp || sched.warp_active(at)) {
       const Element* k_tile = sK + stage * kN * kSqk;
       float pr[kN / 8][4];  // S = Q K^T, then P = exp(scale S - lse): [16 x kN]
       zero(pr);
-      gemm_ss<Element, kN, kDqk>(pr, sQ + warp * 16 * kSqk, kSqk, k_tile, kSqk, lane);
+      TileMma::template abt<kN, kDqk>(pr, sQ, k_tile, warp, lane);
       float ds[kN / 8][4];  // dP = dO V^T, then dS = P (dP - delta): [16 x kN]
       zero(ds);
-      gemm_ss<Element, kN, kDv>(ds, sdO + warp * 16 * kSv, kSv, sV + stage * kN * kSv, kSv, lane);
+      TileMma::template abt<kN, kDv>(ds, sdO, sV + stage * kN * kSv, warp, lane);
 #pragma unroll
       for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
@@ -452,7 +469,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
       }
       uint32_t da[kN / 16][4];
       accumulators_to_a<Element, kN>(da, ds);
-      gemm_rs<Element, kDqk, kN>(acc_dq, da, k_tile, kSqk, lane);  // dQ += dS K
+      TileMma::template pb<kDqk, kN>(acc_dq, da, k_tile, warp, lane);  // dQ += dS K
     }
     __syncthreads();
   }
