@@ -4,8 +4,8 @@ length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention
 with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids;
 select_blocks on the compressed case; and the split decoding kernels (ragged cache lengths, one shorter
 than a compressed token, one long enough for two compressed splits, TQ = 2), with the tensor-core
-(bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel. On an sm_90 GPU the bf16 window case
-runs a second time on the wgmma forward kernel (NSA_WGMMA=1)."""
+(bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel. On an sm_90 GPU, last, the bf16 window
+case again with the forward and dq on wgmma (NSA_WGMMA=1)."""
 
 import os
 
@@ -42,12 +42,6 @@ def main():
         out, lse = nsa_ext.sliding_window_attention(q, k, v, window=20, cu_seqlens_q=cq, cu_seqlens_k=ck,
                                                     max_seqlen_q=70, max_seqlen_k=70)
         (out.float().sum() + lse.sum()).backward()
-    if torch.cuda.get_device_capability()[0] == 9:
-        os.environ["NSA_WGMMA"] = "1"
-        q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, torch.bfloat16)
-        nsa_ext.sliding_window_attention(q, k, v, window=20, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=70,
-                                         max_seqlen_k=70)
-        del os.environ["NSA_WGMMA"]
     tokens = [(n - 32) // 16 + 1 if n >= 32 else 0 for n in (200, 0, 1, 90)]
     q = torch.randn(sum(lengths), 6, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(sum(tokens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -69,6 +63,13 @@ def main():
         gates = torch.rand(3, 2, 6, 3, device="cuda", dtype=dtype)
         nsa_ext.native_sparse_attention_with_kvcache(q, cache(1110, 64), cache(1110, dim_v), cache(140, 64),
                                                      cache(140, dim_v), gates, lengths, config=config)
+    if torch.cuda.get_device_capability()[0] == 9:  # last: the newest kernels must not hide the others
+        os.environ["NSA_WGMMA"] = "1"
+        q, k, v, cq, ck = packed([70, 0, 1, 33], 6, 2, 64, 64, torch.bfloat16)
+        out, lse = nsa_ext.sliding_window_attention(q, k, v, window=20, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                                    max_seqlen_q=70, max_seqlen_k=70)
+        (out.float().sum() + lse.sum()).backward()
+        del os.environ["NSA_WGMMA"]
     torch.cuda.synchronize()
     print("sanitizer_case: done")
 
