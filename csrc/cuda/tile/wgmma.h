@@ -2,7 +2,7 @@
 // Hopper's warpgroup tensor-core product (wgmma.mma_async, sm_90a only): the four warps of a
 // warpgroup multiply a 64 x 16 A (shared memory or registers) by a 16 x N B (shared memory) in one
 // instruction, reading shared memory directly: no ldmatrix, no register copies of B. mma.sync (HMMA)
-// runs at a fraction of Hopper's tensor-core rate; wgmma (HGMMA in SASS) at all of it.
+// reaches a fraction of Hopper's tensor-core rate; wgmma (HGMMA in SASS) is what can approach the peak.
 //
 // Register layouts equal mma.m16n8k16's per warp (PTX ISA, "Matrix Fragments for wgmma .m64nNk16"):
 // warp w of the warpgroup holds rows 16w .. 16w + 15; its D registers d[j][0..3] are the C fragment of
