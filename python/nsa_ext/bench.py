@@ -876,6 +876,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [o for o in ops if o not in WORKLOADS]
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {list(WORKLOADS)}")
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes):
         parser.error(f"--modes: choose from {list(MODES)}")
@@ -904,8 +906,6 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"threads {torch.get_num_threads()} | Hq={args.heads} | window={config.window} l={config.compress_block} "
           f"d={config.compress_stride} l'={config.select_block} n={config.select_count} | decode batch "
           f"{decode_batch} | {repeats} repeats after {warmup} warm-up, {args.input_sets} input sets")
-    if args.profile < 0:
-        parser.error("--profile must be >= 0")
     rows = run_benchmarks(cases, ops, modes, baselines, warmup, repeats, args.input_sets, args.profile)
     print(format_table(rows, baselines))
     if args.profile:

@@ -118,59 +118,6 @@ __device__ __forceinline__ void load_key_rows(Element* smem, const void* base, c
   });
 }
 
-// Row stride (elements) of a tile in shared memory; a core-matrix tile is dense.
-constexpr int tile_row_elements(int stride, int cols) { return stride == kCoreMatrices ? cols : stride; }
-
-// The kBlockN-key tile starting at key0 of K and V into pipeline stage `stage` (forward and dq
-// kernels), in rows of Kt's strides or (kCore) as core matrices.
-template <typename Kt, bool kCore = false>
-__device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename Kt::Element* sV,
-                                              const AttentionParams& p, const SeqSpan& s, int64_t kv_head,
-                                              int64_t key0, int64_t key_limit, int stage) {
-  constexpr int kN = Kt::kBlockN;
-  constexpr int kSqk = kCore ? kCoreMatrices : Kt::kStrideQK, kSv = kCore ? kCoreMatrices : Kt::kStrideV;
-  load_key_rows<kN, Kt::kHeadDimQK, kSqk, Kt::kThreads>(sK + stage * kN * tile_row_elements(kSqk, Kt::kHeadDimQK),
-                                                        p.k, p.k_strides, s, key0, key_limit, kv_head);
-  load_key_rows<kN, Kt::kHeadDimV, kSv, Kt::kThreads>(sV + stage * kN * tile_row_elements(kSv, Kt::kHeadDimV), p.v,
-                                                      p.v_strides, s, key0, key_limit, kv_head);
-}
-
-// Double buffering: starts loading step + 1 into the other stage (when there is one), waits for this
-// step's tiles and synchronises the block. The stage it overwrites was released by the barrier that
-// ended the previous iteration. kTensorCoreReads: the tiles are read by wgmma (the async proxy),
-// which sees this thread's cp.async writes only after a proxy fence before the barrier.
-template <bool kTensorCoreReads = false, typename LoadStep>
-__device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, int stage, LoadStep&& load_step) {
-  if (step + 1 < steps) {
-    load_step(step + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-  } else {
-    cp_async_wait<0>();
-  }
-  if constexpr (kTensorCoreReads) fence_async_shared();
-  __syncthreads();
-}
-
-// Applies the schedule's mask to a 16 x kN accumulator tile: masked elements become `masked`.
-template <int kN, typename Schedule, typename Step>
-__device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedule& sched, const Step& at, int t,
-                                           float masked) {
-  if (!sched.needs_mask(at)) return;
-  const int key0 = static_cast<int>(at.key0);
-#pragma unroll
-  for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (!sched.visible(at, i >> 1, key0 + nb * 8 + 2 * t + (i & 1))) acc[nb][i] = masked;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Forward
-// ---------------------------------------------------------------------------------------------------
-
 // How the forward and dq kernels multiply (their TileMma parameter). Both leave a warp's 16-row
 // results in the mma.m16n8k16 accumulator layout, so everything between the products is shared.
 //   WarpMma:      mma.sync, each warp its 16 rows; tiles in padded rows read by ldmatrix (sm_80+).
@@ -187,6 +134,7 @@ struct WarpMma {
   template <int kCols>
   static constexpr int kLoadStride = kCols + Kt::kPad;
   static constexpr bool kPerWarp = true;  // a warp may skip a tile none of its rows sees
+  static constexpr bool kTensorCoreReads = false;  // shared memory is read by ldmatrix
   static constexpr int kFwdSmem = Kt::kFwdSmem, kDqSmem = Kt::kDqSmem;
 
   // acc (zeroed) = A B^T over kK columns: A the warp's 16 rows of a query-row tile, B kNOut key rows.
@@ -212,6 +160,7 @@ struct WarpgroupMma {
   template <int kCols>
   static constexpr int kLoadStride = kCoreMatrices;
   static constexpr bool kPerWarp = false;  // wgmma is issued by all four warps of a warpgroup
+  static constexpr bool kTensorCoreReads = true;  // shared memory is read by wgmma (the async proxy)
   static constexpr int kFwdSmem = Kt::kElem * (kM * kDqk + 2 * kN * (kDqk + kDv));
   static constexpr int kDqSmem = Kt::kElem * (kM + 2 * kN) * (kDqk + kDv);
   static constexpr int kOutCols = 64;  // the n of the P B instructions
@@ -249,6 +198,55 @@ struct WarpgroupMma {
     fence_registers(acc);
   }
 };
+
+// The kBlockN-key tile starting at key0 of K and V into pipeline stage `stage` (forward and dq
+// kernels), in the layout TileMma reads.
+template <typename Kt, typename TileMma>
+__device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename Kt::Element* sV,
+                                              const AttentionParams& p, const SeqSpan& s, int64_t kv_head,
+                                              int64_t key0, int64_t key_limit, int stage) {
+  constexpr int kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
+  load_key_rows<kN, kDqk, TileMma::template kLoadStride<kDqk>, Kt::kThreads>(
+      sK + stage * kN * TileMma::template kRowElements<kDqk>, p.k, p.k_strides, s, key0, key_limit, kv_head);
+  load_key_rows<kN, kDv, TileMma::template kLoadStride<kDv>, Kt::kThreads>(
+      sV + stage * kN * TileMma::template kRowElements<kDv>, p.v, p.v_strides, s, key0, key_limit, kv_head);
+}
+
+// Double buffering: starts loading step + 1 into the other stage (when there is one), waits for this
+// step's tiles and synchronises the block. The stage it overwrites was released by the barrier that
+// ended the previous iteration. kTensorCoreReads: the tiles are read by wgmma (the async proxy),
+// which sees this thread's cp.async writes only after a proxy fence before the barrier.
+template <bool kTensorCoreReads = false, typename LoadStep>
+__device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, int stage, LoadStep&& load_step) {
+  if (step + 1 < steps) {
+    load_step(step + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  if constexpr (kTensorCoreReads) fence_async_shared();
+  __syncthreads();
+}
+
+// Applies the schedule's mask to a 16 x kN accumulator tile: masked elements become `masked`.
+template <int kN, typename Schedule, typename Step>
+__device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedule& sched, const Step& at, int t,
+                                           float masked) {
+  if (!sched.needs_mask(at)) return;
+  const int key0 = static_cast<int>(at.key0);
+#pragma unroll
+  for (int nb = 0; nb < kN / 8; ++nb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (!sched.visible(at, i >> 1, key0 + nb * 8 + 2 * t + (i & 1))) acc[nb][i] = masked;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
 
 // One online-softmax step on a warp's 16 x kN scores in log2 units (masked ones -inf): sc becomes P
 // (unnormalised), the running max / sum and the output accumulators are rescaled. Per accumulator row
@@ -288,7 +286,6 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = TileMma::template kRowElements<kDqk>, kSv = TileMma::template kRowElements<kDv>;
   constexpr int kThreads = Kt::kThreads;
-  constexpr bool kCore = !TileMma::kPerWarp;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
@@ -311,7 +308,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   if (steps > 0) {
     auto load_step = [&](int64_t step, int stage) {
       const auto at = sched.at(step);
-      load_kv_stage<Kt, kCore>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+      load_kv_stage<Kt, TileMma>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
     };
     load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
         sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
@@ -320,7 +317,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
 
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
-      advance_pipeline<kCore>(step, steps, stage, load_step);
+      advance_pipeline<TileMma::kTensorCoreReads>(step, steps, stage, load_step);
 
       const auto at = sched.at(step);
       if (!TileMma::kPerWarp || sched.warp_active(at)) {
@@ -403,7 +400,6 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = TileMma::template kRowElements<kDqk>, kSv = TileMma::template kRowElements<kDv>;
   constexpr int kThreads = Kt::kThreads;
-  constexpr bool kCore = !TileMma::kPerWarp;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
   Element* sdO = sQ + kM * kSqk;                         // [kM][kSv]
@@ -432,7 +428,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   auto load_step = [&](int64_t step, int stage) {
     const auto at = sched.at(step);
-    load_kv_stage<Kt, kCore>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
+    load_kv_stage<Kt, TileMma>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
   };
 
   load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
@@ -446,7 +442,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   zero(acc_dq);
   for (int64_t step = 0; step < steps; ++step) {
     const int stage = static_cast<int>(step & 1);
-    advance_pipeline<kCore>(step, steps, stage, load_step);
+    advance_pipeline<TileMma::kTensorCoreReads>(step, steps, stage, load_step);
     const auto at = sched.at(step);
     if (!TileMma::kPerWarp || sched.warp_active(at)) {
       const Element* k_tile = sK + stage * kN * kSqk;
