@@ -1,9 +1,10 @@
 """The CUDA kernels run on the CPU: scripts/emulate.sh builds the extension with the CUDA sources
 compiled as C++ against csrc/emulation/simt.h (every op then takes its CUDA path with CPU tensors), and
 a child process runs the CUDA tests against that build (NSA_TEST_EMULATED_CUDA=1: tests/utils.GPU is
-"cpu"). The emulator checks warp collectives, barriers, shared-memory addresses and launch shapes and
-poisons shared memory, so these tests find wrong fragment layouts, missing barriers or waits and bad
-index math where no GPU is. All tiled head dims are built, as in the normal build. The child takes
+"cpu"). The emulator checks warp collectives, barriers, shared-memory addresses, launch shapes and
+wgmma's asynchronous rules (fences, waits) and poisons shared memory and in-flight accumulators, so
+these tests find wrong fragment layouts, missing barriers, fences or waits and bad index math where
+no GPU is. All tiled head dims are built, as in the normal build. The child takes
 ~7 minutes on 2 cores, the first build ~6 minutes (incremental afterwards).
 
 The tests at the bottom run inside that child only."""
@@ -124,6 +125,18 @@ SELFTEST = {
     "block_too_large": r"invalid block \(1025, 1, 1\)",
     "grid_too_large": r"invalid grid \(1, 65536, 1\)",
     "smem_too_large": r"232449 bytes of dynamic shared memory, more than a block may have",
+    # wgmma's asynchrony (the Hopper kernels' products).
+    "wgmma_clean": None,
+    "wgmma_without_fence": r"wgmma.mma_async without a wgmma.fence since the thread started or last waited",
+    "wgmma_unfenced_cp_async": r"wgmma reads shared memory \(byte \d+\) that thread \d+ wrote by cp.async "
+                               r"without a fence.proxy.async since",
+    "wgmma_read_before_wait": r"before the wait -?nan, after 16\b",
+    "wgmma_accumulator_written": r"wgmma: accumulator registers written while the wgmma was in flight",
+    "wgmma_a_registers_changed": r"wgmma: A registers changed while the wgmma was in flight",
+    "wgmma_shared_changed": r"wgmma: shared memory at byte 2048 changed while a wgmma read it",
+    "wgmma_warpgroup_mismatch": r"warp 3 issued 0 wgmma, warp 0 of its warpgroup 1 \(a warpgroup's warps must "
+                                r"issue the same ones\)",
+    "wgmma_in_flight_at_exit": r"thread ended with a wgmma in flight",
 }
 
 

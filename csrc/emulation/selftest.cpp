@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/mma_layout.h"
+
 #include <cmath>
 #include <functional>
 #include <map>
@@ -22,6 +24,42 @@ struct Case {
 
 float* smem_floats() { return reinterpret_cast<float*>(dynamic_smem()); }
 unsigned lane() { return threadIdx.x % 32; }
+
+// A warpgroup's wgmma of A [64 x 16] by B [8 x 16]^T, all ones in bf16, loaded by cp.async into the
+// core-matrix layout (A at byte 0, B after it): every result is 16. `broken` names the rule the
+// kernel breaks ("" for none).
+constexpr uint32_t kWgmmaB = 64 * 16 * 2;
+constexpr size_t kWgmmaSmem = kWgmmaB + 8 * 16 * 2;
+void wgmma_kernel(const std::string& broken) {
+  alignas(16) static const uint16_t ones[8] = {0x3F80, 0x3F80, 0x3F80, 0x3F80, 0x3F80, 0x3F80, 0x3F80, 0x3F80};
+  const int c = static_cast<int>(threadIdx.x);  // one 16-byte chunk of A per thread, of B for 16 of them
+  cp_async_16(dynamic_smem() + mma::core_offset(64, c / 2, c % 2 * 8), ones, true);
+  if (c < 16) cp_async_16(dynamic_smem() + kWgmmaB + mma::core_offset(8, c / 2, c % 2 * 8), ones, true);
+  cp_async_commit();
+  cp_async_wait(0);
+  if (broken != "unfenced_cp_async") fence_proxy_async();
+  __syncthreads();
+  if (broken == "warpgroup_mismatch" && threadIdx.x / 32 == 3) return;
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  uint32_t a[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+  const bool a_in_registers = broken == "a_registers_changed";
+  if (broken != "without_fence") wgmma_fence();
+  wgmma_m64nNk16(d, 8, a_in_registers ? a : nullptr, mma::k_major_descriptor(0, 64, 0, 0),
+                 mma::k_major_descriptor(kWgmmaB, 8, 0, 0), false, false, true);
+  wgmma_commit();
+  const float before = d[0];
+  if (broken == "accumulator_written") d[0] = 0.f;
+  if (broken == "a_registers_changed") a[0] = 0u;
+  if (broken == "shared_changed" && threadIdx.x == 0) dynamic_smem()[kWgmmaB] ^= 1;
+  if (broken == "in_flight_at_exit") return;
+  wgmma_wait(0);
+  if (broken == "read_before_wait") TORCH_CHECK(false, "before the wait ", before, ", after ", d[0]);
+  for (const float x : d) TORCH_CHECK(x == 16.f, "wgmma kernel computed ", x);
+}
+
+Case wgmma_case(const std::string& broken) {
+  return {dim3(1), dim3(128), kWgmmaSmem, [broken] { wgmma_kernel(broken); }};
+}
 
 const std::map<std::string, Case>& cases() {
   static const std::map<std::string, Case> all = {
@@ -78,6 +116,15 @@ const std::map<std::string, Case>& cases() {
       {"block_too_large", {dim3(1), dim3(1025), 0, [] {}}},
       {"grid_too_large", {dim3(1, 65536), dim3(32), 0, [] {}}},
       {"smem_too_large", {dim3(1), dim3(32), size_t(kMaxSmemPerBlock) + 1, [] {}}},
+      {"wgmma_clean", wgmma_case("")},
+      {"wgmma_without_fence", wgmma_case("without_fence")},
+      {"wgmma_unfenced_cp_async", wgmma_case("unfenced_cp_async")},
+      {"wgmma_read_before_wait", wgmma_case("read_before_wait")},
+      {"wgmma_accumulator_written", wgmma_case("accumulator_written")},
+      {"wgmma_a_registers_changed", wgmma_case("a_registers_changed")},
+      {"wgmma_shared_changed", wgmma_case("shared_changed")},
+      {"wgmma_warpgroup_mismatch", wgmma_case("warpgroup_mismatch")},
+      {"wgmma_in_flight_at_exit", wgmma_case("in_flight_at_exit")},
   };
   return all;
 }

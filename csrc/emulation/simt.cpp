@@ -15,6 +15,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -70,6 +71,30 @@ struct Copy {
   const unsigned char* src;  // null: zero-fill
 };
 
+// What a warp's wgmma read from shared memory, checked unchanged when the last of its lanes waits.
+struct SmemReads {
+  std::vector<std::pair<uint32_t, uint16_t>> elements;  // byte offset, bits
+  int lanes_waiting = 32;
+};
+
+// One thread's wgmma in flight, by commit group (numbered from 0; the open group is the number of
+// commits so far).
+struct PendingD {  // an accumulator: its registers hold the poison until the wait writes the result
+  float* d;
+  int count;
+  int64_t group;
+  float result[128];
+};
+struct PendingA {  // register A operands, which must keep their values until the wait
+  const uint32_t* a;
+  uint32_t values[4];
+  int64_t group;
+};
+struct PendingReads {
+  std::shared_ptr<SmemReads> reads;
+  int64_t group;
+};
+
 struct Fiber {
   void* sp = nullptr;  // saved stack pointer while suspended
   unsigned char* stack = nullptr;
@@ -79,6 +104,12 @@ struct Fiber {
   bool waiting = false;
   std::vector<Copy> open_group;                 // cp.async since the last commit
   std::deque<std::vector<Copy>> committed;      // oldest first
+  std::vector<uint32_t> unfenced;               // 16-byte chunks it wrote by cp.async since its last proxy fence
+  bool wgmma_fenced = false;                    // a wgmma.fence since the start or the last wgmma wait
+  int64_t wgmma_groups = 0;                     // commit groups so far
+  std::vector<PendingD> pending_d;
+  std::vector<PendingA> pending_a;
+  std::vector<PendingReads> pending_reads;
 };
 
 struct WarpState {
@@ -89,6 +120,8 @@ struct WarpState {
   const void* inputs[32];
   void* outputs[32];
   std::vector<int> waiters;
+  int64_t wgmma_issued = 0;  // the warpgroup's four warps must issue the same sequence
+  uint64_t wgmma_hash = 0;
 };
 
 // Thrown inside a fiber to end it after an emulation error (the launch then reports the error).
@@ -120,6 +153,9 @@ struct Launch {
   const char* barrier_file = nullptr;  // call site of the barrier the waiting threads are at
   int barrier_line = 0;
   std::vector<int> barrier_waiters;
+  // Per 16-byte chunk of shared memory: the thread whose cp.async wrote it and has not run
+  // fence.proxy.async since (the async proxy, wgmma, may not see the write yet), or -1.
+  std::vector<int> unfenced_writer;
   int live = 0;
   int current = -1;
   void* scheduler_sp = nullptr;
@@ -201,6 +237,7 @@ void release_barrier_if_complete(Launch& l) {
   entered(l, l.fibers[id]);
   try {
     (*l.body)();
+    if (!l.fibers[id].pending_d.empty()) fail("thread ended with a wgmma in flight (no wgmma.wait_group covers it)");
   } catch (const FiberAbort&) {
   } catch (const c10::Error& e) {
     if (l.error.empty()) l.error = where(l, id) + ": " + e.what_without_backtrace();
@@ -246,6 +283,7 @@ void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& bloc
   l.warps.assign((threads + 31) / 32, WarpState{});
   l.barrier_arrived = 0;
   l.barrier_waiters.clear();
+  l.unfenced_writer.assign(l.smem_bytes / 16 + 1, -1);
   l.live = threads;
   for (int id = 0; id < threads; ++id) {
     Fiber& f = l.fibers[id];
@@ -270,6 +308,17 @@ void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& bloc
     }
     TORCH_CHECK(ran, "nsa emulator: block (", block_idx.x, ", ", block_idx.y, ", ", block_idx.z, "): ",
                 deadlock_report(l));
+  }
+  for (size_t w = 0; w < l.warps.size(); ++w) {
+    const size_t first = w / 4 * 4;
+    const WarpState &mine = l.warps[w], &leader = l.warps[first];
+    TORCH_CHECK(mine.wgmma_issued == 0 || first + 4 <= l.warps.size(), "nsa emulator: block (", block_idx.x, ", ",
+                block_idx.y, ", ", block_idx.z, "): warp ", w, " issued wgmma without a whole warpgroup");
+    TORCH_CHECK(mine.wgmma_issued == leader.wgmma_issued && mine.wgmma_hash == leader.wgmma_hash,
+                "nsa emulator: block (", block_idx.x, ", ", block_idx.y, ", ", block_idx.z, "): warp ", w, " issued ",
+                mine.wgmma_issued, " wgmma, warp ", first, " of its warpgroup ", leader.wgmma_issued,
+                mine.wgmma_issued == leader.wgmma_issued ? " with other operands" : "",
+                " (a warpgroup's warps must issue the same ones)");
   }
 }
 
@@ -373,16 +422,26 @@ struct WgmmaIn {
 // A 16-bit element of a descriptor's matrix: row `mn` (M or N), column `k`, K-major or MN-major.
 // PTX ISA canonical layouts without swizzle, in bytes: K-major ((8,m),(8,2k)):((16,SBO),(2,LBO)),
 // MN-major ((8,m),(8,k)):((2,SBO),(16,LBO)).
-uint16_t descriptor_element(const Launch& l, uint64_t desc, int mn, int k, bool mn_major) {
+uint16_t descriptor_element(const Launch& l, uint64_t desc, int mn, int k, bool mn_major, SmemReads& reads) {
   const uint64_t start = (desc & 0x3FFF) << 4, leading = (desc >> 16 & 0x3FFF) << 4, stride = (desc >> 32 & 0x3FFF) << 4;
   if (desc >> 62 != 0 || (desc >> 49 & 0x7) != 0) fail("wgmma: only no-swizzle descriptors with base offset 0 are emulated");
   const uint64_t offset = mn_major ? start + (mn % 8) * 2 + (mn / 8) * stride + (k % 8) * 16 + (k / 8) * leading
                                    : start + (mn % 8) * 16 + (mn / 8) * stride + (k % 8) * 2 + (k / 8) * leading;
   if (offset + 2 > l.smem_bytes) fail("wgmma: operand outside the block's dynamic shared memory");
+  const int writer = l.unfenced_writer[offset / 16];
+  if (writer >= 0)
+    fail("wgmma reads shared memory (byte " + std::to_string(offset) + ") that thread " + std::to_string(writer) +
+         " wrote by cp.async without a fence.proxy.async since");
   uint16_t bits;
   std::memcpy(&bits, l.smem.get() + offset, 2);
+  reads.elements.emplace_back(static_cast<uint32_t>(offset), bits);
   return bits;
 }
+
+struct WgmmaOut {
+  float d[256 / 2];
+  std::shared_ptr<SmemReads> reads;
+};
 
 void wgmma_combine(const void* const* in, void* const* out, unsigned) {
   const WgmmaIn& first = *static_cast<const WgmmaIn*>(in[0]);
@@ -394,11 +453,18 @@ void wgmma_combine(const void* const* in, void* const* out, unsigned) {
       fail("wgmma: the lanes of a warp passed different operands");
   }
   g_counters.wgmma += n / 8;
-  const Launch& l = running();
+  Launch& l = running();
+  WarpState& warp = l.warps[l.current / 32];
+  ++warp.wgmma_issued;
+  for (const uint64_t x : {first.a_in_registers ? 0 : first.desc_a, first.desc_b, uint64_t(n),
+                           uint64_t(first.accumulate) | uint64_t(first.trans_b) << 1 |
+                               uint64_t(first.a_in_registers) << 2 | uint64_t(first.bf16) << 3})
+    warp.wgmma_hash = (warp.wgmma_hash ^ x) * 0x100000001b3ull;
+  auto reads = std::make_shared<SmemReads>();
   const bool bf16 = first.bf16;
   std::vector<float> a(16 * 16), b(16 * n);
   for (int k = 0; k < 16; ++k)
-    for (int col = 0; col < n; ++col) b[k * n + col] = to_float(descriptor_element(l, first.desc_b, col, k, first.trans_b), bf16);
+    for (int col = 0; col < n; ++col) b[k * n + col] = to_float(descriptor_element(l, first.desc_b, col, k, first.trans_b, *reads), bf16);
   if (first.a_in_registers) {
     for (int lane = 0; lane < 32; ++lane) {
       const WgmmaIn& x = *static_cast<const WgmmaIn*>(in[lane]);
@@ -412,11 +478,13 @@ void wgmma_combine(const void* const* in, void* const* out, unsigned) {
   } else {
     for (int row = 0; row < 16; ++row)
       for (int k = 0; k < 16; ++k)
-        a[row * 16 + k] = to_float(descriptor_element(l, first.desc_a, 16 * first.warp_rank + row, k, false), bf16);
+        a[row * 16 + k] = to_float(descriptor_element(l, first.desc_a, 16 * first.warp_rank + row, k, false, *reads), bf16);
   }
   for (int lane = 0; lane < 32; ++lane) {
     const WgmmaIn& x = *static_cast<const WgmmaIn*>(in[lane]);
-    float* d = static_cast<float*>(out[lane]);
+    WgmmaOut& o = *static_cast<WgmmaOut*>(out[lane]);
+    float* d = o.d;
+    o.reads = reads;
     const int g = lane / 4, t = lane % 4;
     for (int j = 0; j < n / 8; ++j)
       for (int i = 0; i < 4; ++i) {  // the mma.m16n8k16 C fragment of columns 8j .. 8j + 7
@@ -550,11 +618,25 @@ void cp_async_commit() {
 }
 
 void cp_async_wait(int pending) {
-  Fiber& f = running().fibers[running().current];
+  Launch& l = running();
+  Fiber& f = l.fibers[l.current];
   while (f.committed.size() > static_cast<size_t>(pending)) {
     apply(f.committed.front());
+    for (const Copy& c : f.committed.front()) {
+      const auto chunk = static_cast<uint32_t>((c.dst - l.smem.get()) / 16);
+      l.unfenced_writer[chunk] = l.current;
+      f.unfenced.push_back(chunk);
+    }
     f.committed.pop_front();
   }
+}
+
+void fence_proxy_async() {
+  Launch& l = running();
+  Fiber& f = l.fibers[l.current];
+  for (const uint32_t chunk : f.unfenced)
+    if (l.unfenced_writer[chunk] == l.current) l.unfenced_writer[chunk] = -1;
+  f.unfenced.clear();
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
@@ -576,6 +658,15 @@ uint32_t shared_offset(const void* p) {
 void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool accumulate,
                     bool trans_b, bool bf16) {
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: n must be a multiple of 8 in [8, 256]");
+  Launch& l = running();
+  Fiber& f = l.fibers[l.current];
+  if (!f.wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the thread started or last waited");
+  const int count = n / 2;
+  PendingD* chain = nullptr;  // the in-flight wgmma on these registers, which this one accumulates onto
+  for (PendingD& p : f.pending_d) {
+    if (p.d == d && p.count == count) chain = &p;
+    else if (d < p.d + p.count && p.d < d + count) fail("wgmma: accumulators overlap those of a wgmma in flight");
+  }
   WgmmaIn in{};
   in.a_in_registers = a_regs != nullptr;
   if (a_regs) std::memcpy(in.a, a_regs, sizeof(in.a));
@@ -586,10 +677,57 @@ void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, ui
   in.desc_b = desc_b;
   in.n = n;
   in.warp_rank = static_cast<int>(indices().thread_idx.x / 32 % 4);
-  std::memcpy(in.d, d, sizeof(float) * n / 2);
-  float out[256 / 2];
+  std::memcpy(in.d, chain ? chain->result : d, sizeof(float) * count);
+  WgmmaOut out;
   warp_collective(0xffffffffu, bf16 ? "wgmma.m64nNk16.bf16" : "wgmma.m64nNk16.f16", wgmma_combine, &in, &out);
-  std::memcpy(d, out, sizeof(float) * n / 2);
+  const int64_t group = f.wgmma_groups;
+  if (!chain) {
+    f.pending_d.push_back(PendingD{d, count, group, {}});
+    chain = &f.pending_d.back();
+  }
+  std::memcpy(chain->result, out.d, sizeof(float) * count);
+  chain->group = group;
+  std::memset(d, kPoison, sizeof(float) * count);  // undefined until the wait
+  if (a_regs) f.pending_a.push_back(PendingA{a_regs, {a_regs[0], a_regs[1], a_regs[2], a_regs[3]}, group});
+  f.pending_reads.push_back(PendingReads{std::move(out.reads), group});
+}
+
+void wgmma_fence() { running().fibers[running().current].wgmma_fenced = true; }
+
+void wgmma_commit() { ++running().fibers[running().current].wgmma_groups; }
+
+void wgmma_wait(int pending) {
+  Launch& l = running();
+  Fiber& f = l.fibers[l.current];
+  const int64_t done = f.wgmma_groups - pending;  // groups below this one are complete
+  auto settle = [done](auto& list, auto&& complete) {
+    size_t kept = 0;
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].group < done) complete(list[i]);
+      else list[kept++] = std::move(list[i]);
+    }
+    list.resize(kept);
+  };
+  settle(f.pending_d, [](PendingD& p) {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(p.d);
+    for (size_t i = 0; i < sizeof(float) * p.count; ++i)
+      if (bytes[i] != kPoison) fail("wgmma: accumulator registers written while the wgmma was in flight");
+    std::memcpy(p.d, p.result, sizeof(float) * p.count);
+  });
+  settle(f.pending_a, [](PendingA& p) {
+    if (std::memcmp(p.a, p.values, sizeof(p.values)) != 0)
+      fail("wgmma: A registers changed while the wgmma was in flight");
+  });
+  settle(f.pending_reads, [&l](PendingReads& p) {
+    if (--p.reads->lanes_waiting > 0) return;
+    for (const auto& [offset, bits] : p.reads->elements) {
+      uint16_t now;
+      std::memcpy(&now, l.smem.get() + offset, 2);
+      if (now != bits)
+        fail("wgmma: shared memory at byte " + std::to_string(offset) + " changed while a wgmma read it");
+    }
+  });
+  f.wgmma_fenced = false;  // the thread goes on to use the results: the next wgmma needs a fence
 }
 
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {

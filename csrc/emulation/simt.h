@@ -19,6 +19,12 @@
 // until its group is waited for, so reading either too early gives NaN. NSA_EMULATE_ORDER=reverse runs
 // blocks and threads in descending order: a result that changes with it depends on a race between
 // threads (a missing barrier).
+// wgmma is asynchronous here as on a GPU (wgmma_m64nNk16): its accumulators hold NaN until a
+// wgmma_wait covers its group, and it is an error to issue one without a wgmma_fence since the
+// thread's last wait, to write its accumulators or A registers or the shared memory it reads before
+// that wait, to read shared memory that a cp.async wrote without the writer's fence_proxy_async
+// since (ordinary stores are not tracked), for the warps of a warpgroup to issue different wgmma
+// sequences, and to end a thread with one in flight.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
@@ -89,12 +95,18 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 
 // The shared-window address of p (__cvta_generic_to_shared): its offset in the block's dynamic shared memory.
 uint32_t shared_offset(const void* p);
-// wgmma.mma_async.m64nNk16 .f32 with .bf16 / .f16 inputs, completed when issued: this warp's 16 rows
-// (warp % 4 of its warpgroup) of D[64 x n] = A * B (+ D when accumulate). A from a_regs (the lane's
-// four A registers) or, when a_regs is null, from the K-major descriptor desc_a; B from desc_b,
-// N-major when trans_b. Descriptors are decoded as the PTX ISA defines them (no swizzle only).
+// wgmma.mma_async.m64nNk16 .f32 with .bf16 / .f16 inputs: this warp's 16 rows (warp % 4 of its
+// warpgroup) of D[64 x n] = A * B (+ D when accumulate). A from a_regs (the lane's four A registers)
+// or, when a_regs is null, from the K-major descriptor desc_a; B from desc_b, N-major when trans_b.
+// Descriptors are decoded as the PTX ISA defines them (no swizzle only). The product is computed from
+// the operands as they are at issue; d's registers hold NaN until the wgmma_wait that covers it, and
+// a wgmma onto the same in-flight d (same shape) continues its chain as the hardware does.
 void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool accumulate,
                     bool trans_b, bool bf16);
+void wgmma_fence();            // wgmma.fence.sync.aligned
+void wgmma_commit();           // wgmma.commit_group.sync.aligned
+void wgmma_wait(int pending);  // wgmma.wait_group.sync.aligned pending
+void fence_proxy_async();      // fence.proxy.async.shared::cta: this thread's cp.async writes become visible to wgmma
 
 // Test hook (selftest.cpp): runs a small kernel that breaks one rule; returns the emulator's error, or
 // "" when the launch succeeded.

@@ -58,15 +58,17 @@ __device__ __forceinline__ void load_core_tile_async(Element* smem, const Elemen
 // Orders this thread's cp.async / ordinary shared-memory writes before later reads by the tensor
 // cores (the async proxy); each writing thread runs it before the barrier that publishes the tile.
 __device__ __forceinline__ void fence_async_shared() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(NSA_EMULATE_CUDA)
+  emu::fence_proxy_async();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
 #ifdef NSA_EMULATE_CUDA
-inline void wgmma_fence() {}
-inline void wgmma_commit() {}
-inline void wgmma_wait() {}  // the emulator completes each wgmma when it is issued
+inline void wgmma_fence() { emu::wgmma_fence(); }
+inline void wgmma_commit() { emu::wgmma_commit(); }
+inline void wgmma_wait() { emu::wgmma_wait(0); }
 #else
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
