@@ -169,6 +169,10 @@ def test_wgmma_forward_matches_reference(dims, monkeypatch):
     gen = torch.Generator().manual_seed(dims[0] + 11)
     exact = random_batch([0, 1, 150, 77], [0, 1, 150, 203], 6, 2, dims[0], dims[1], True, generator=gen)
     check_against_reference(window_fn(37), exact, torch.bfloat16, gen)
+    # Four to six key tiles per query tile: the forward's three-stage pipeline reuses every stage and
+    # runs each P V under the next tile's softmax.
+    exact = random_batch([330], [330], 6, 2, dims[0], dims[1], False, generator=gen)
+    check_against_reference(window_fn(250), exact, torch.bfloat16, gen)
     exact = compressed_inputs([1, 0, 300, 45], [40, 0, 300, 400], 6, 2, dims[0], dims[1], 32, 16, True, gen)
     check_against_reference(compressed_fn(32, 16), exact, torch.float16, gen)
     x = exact.to(torch.bfloat16, GPU, requires_grad=True)

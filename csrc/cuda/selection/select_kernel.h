@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(SelectTile<Element, kHeadDim>::kThreads)
     cp_async_commit();
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
-      advance_pipeline(step, steps, stage, load_step);
+      advance_pipeline(step, steps, load_step);
       const int t0 = static_cast<int>(step * kN);
       const int t1 = t0 + kN < token_end ? t0 + kN : static_cast<int>(token_end);
       if (warp_rows) {

@@ -135,20 +135,24 @@ struct WarpMma {
   static constexpr int kLoadStride = kCols + Kt::kPad;
   static constexpr bool kPerWarp = true;  // a warp may skip a tile none of its rows sees
   static constexpr bool kTensorCoreReads = false;  // shared memory is read by ldmatrix
+  static constexpr int kFwdStages = 2;  // K/V pipeline stages of the forward (see fwd_kernel)
   static constexpr int kFwdSmem = Kt::kFwdSmem, kDqSmem = Kt::kDqSmem;
 
   // acc (zeroed) = A B^T over kK columns: A the warp's 16 rows of a query-row tile, B kNOut key rows.
-  template <int kNOut, int kK>
+  // Both products are complete on return (kWait and wait() are the asynchronous policy's).
+  template <int kNOut, int kK, bool kWait = true>
   __device__ static void abt(float (&acc)[kNOut / 8][4], const Element* a, const Element* b, int warp, int lane) {
     constexpr int kStride = kRowElements<kK>;
     gemm_ss<Element, kNOut, kK>(acc, a + warp * 16 * kStride, kStride, b, kStride, lane);
   }
   // acc += P B: P as A fragments over kKeys key rows, B their [kKeys][kNOut] tile.
-  template <int kNOut, int kKeys>
+  template <int kNOut, int kKeys, bool kWait = true>
   __device__ static void pb(float (&acc)[kNOut / 8][4], const uint32_t (&pa)[kKeys / 16][4], const Element* b, int,
                             int lane) {
     gemm_rs<Element, kNOut, kKeys>(acc, pa, b, kRowElements<kNOut>, lane);
   }
+  template <int kPending, int kN>
+  __device__ static void wait(float (&)[kN][4]) {}
 };
 
 template <typename Kt>
@@ -161,13 +165,21 @@ struct WarpgroupMma {
   static constexpr int kLoadStride = kCoreMatrices;
   static constexpr bool kPerWarp = false;  // wgmma is issued by all four warps of a warpgroup
   static constexpr bool kTensorCoreReads = true;  // shared memory is read by wgmma (the async proxy)
-  static constexpr int kFwdSmem = Kt::kElem * (kM * kDqk + 2 * kN * (kDqk + kDv));
+  // A third K/V stage lets the forward's P V product of one key tile run under the next tile's
+  // softmax (fwd_kernel), for ~15 more registers per thread. Taken where registers leave the block
+  // alone on its SM anyway: two warpgroups at Dv = 128 (178 registers without it). 64/64 (125)
+  // keeps two blocks per SM, and one-warpgroup blocks (192/128, 256/256) two stages, so that two
+  // still fit on an SM.
+  static constexpr int kFwdStages = Kt::kWarps >= 8 && kDv >= 128 ? 3 : 2;
+  static constexpr int kFwdSmem = Kt::kElem * (kM * kDqk + kFwdStages * kN * (kDqk + kDv));
   static constexpr int kDqSmem = Kt::kElem * (kM + 2 * kN) * (kDqk + kDv);
   static constexpr int kOutCols = 64;  // the n of the P B instructions
   static_assert(Kt::kWarps % 4 == 0 && (kN == 32 || kN == 64) && kDqk % kOutCols == 0 && kDv % kOutCols == 0,
                 "wgmma shapes");
 
-  template <int kNOut, int kK>
+  // kWait = false leaves a product running: its accumulators (and pb's A registers and either's
+  // shared memory) stay untouchable until wait<k>(acc) has waited for it.
+  template <int kNOut, int kK, bool kWait = true>
   __device__ static void abt(float (&acc)[kNOut / 8][4], const Element* a, const Element* b, int warp, int) {
     const uint32_t a_tile = smem_addr(a), b_tile = smem_addr(b);
     const int row0 = warp / 4 * 64;  // this warpgroup's rows of the query tile
@@ -178,10 +190,9 @@ struct WarpgroupMma {
       wgmma_ss<Element, 0, kNOut>(acc, mma::k_major_descriptor(a_tile, kM, row0, 16 * kk),
                                   mma::k_major_descriptor(b_tile, kNOut, 0, 16 * kk), kk > 0);
     wgmma_commit();
-    wgmma_wait();
-    fence_registers(acc);
+    if constexpr (kWait) wait<0>(acc);
   }
-  template <int kNOut, int kKeys>
+  template <int kNOut, int kKeys, bool kWait = true>
   __device__ static void pb(float (&acc)[kNOut / 8][4], const uint32_t (&pa)[kKeys / 16][4], const Element* b, int,
                             int) {
     const uint32_t b_tile = smem_addr(b);
@@ -194,7 +205,12 @@ struct WarpgroupMma {
         wgmma_rs<Element, 1, kOutCols>(reinterpret_cast<float(&)[kOutCols / 8][4]>(acc[c * kOutCols / 8]), pa[kk],
                                        mma::n_major_descriptor(b_tile, kKeys, 16 * kk, c * kOutCols), 1);
     wgmma_commit();
-    wgmma_wait();
+    if constexpr (kWait) wait<0>(acc);
+  }
+  // Waits until at most kPending of the thread's products are running (they complete in order).
+  template <int kPending, int kN>
+  __device__ static void wait(float (&acc)[kN][4]) {
+    wgmma_wait<kPending>();
     fence_registers(acc);
   }
 };
@@ -212,14 +228,23 @@ __device__ __forceinline__ void load_kv_stage(typename Kt::Element* sK, typename
       sV + stage * kN * TileMma::template kRowElements<kDv>, p.v, p.v_strides, s, key0, key_limit, kv_head);
 }
 
-// Double buffering: starts loading step + 1 into the other stage (when there is one), waits for this
-// step's tiles and synchronises the block. The stage it overwrites was released by the barrier that
-// ended the previous iteration. kTensorCoreReads: the tiles are read by wgmma (the async proxy),
-// which sees this thread's cp.async writes only after a proxy fence before the barrier.
-template <bool kTensorCoreReads = false, typename LoadStep>
-__device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, int stage, LoadStep&& load_step) {
-  if (step + 1 < steps) {
-    load_step(step + 1, stage ^ 1);
+// The pipeline step at the top of each iteration: afterwards this step's tiles (stage step % kStages)
+// are in shared memory and visible to every thread, and step + 1 (when there is one) is loading
+// into stage (step + 1) % kStages by load_step(step + 1, stage).
+//   2 stages: starts that load first; the stage it overwrites was released by the barrier that
+//             ended the previous iteration.
+//   3 stages: for kernels that read a tile's stage during the next step too (the forward on wgmma:
+//             P V of step - 1 runs during step): loads after the barrier, into the stage of
+//             step - 2, whose last reader (its P V) every thread waited for during step - 1.
+// kTensorCoreReads: the tiles are read by wgmma (the async proxy), which sees this thread's cp.async
+// writes only after a proxy fence before the barrier.
+template <int kStages = 2, bool kTensorCoreReads = false, typename LoadStep>
+__device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, LoadStep&& load_step) {
+  static_assert(kStages == 2 || kStages == 3, "pipeline depths");
+  const bool more = step + 1 < steps;
+  const int next_stage = static_cast<int>((step + 1) % kStages);
+  if (kStages == 2 && more) {
+    load_step(step + 1, next_stage);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
@@ -227,6 +252,10 @@ __device__ __forceinline__ void advance_pipeline(int64_t step, int64_t steps, in
   }
   if constexpr (kTensorCoreReads) fence_async_shared();
   __syncthreads();
+  if (kStages == 3 && more) {
+    load_step(step + 1, next_stage);
+    cp_async_commit();
+  }
 }
 
 // Applies the schedule's mask to a 16 x kN accumulator tile: masked elements become `masked`.
@@ -249,11 +278,11 @@ __device__ __forceinline__ void apply_mask(float (&acc)[kN / 8][4], const Schedu
 // ---------------------------------------------------------------------------------------------------
 
 // One online-softmax step on a warp's 16 x kN scores in log2 units (masked ones -inf): sc becomes P
-// (unnormalised), the running max / sum and the output accumulators are rescaled. Per accumulator row
-// half (c0 c1: row g, c2 c3: row g + 8).
-template <int kN, int kDv>
+// (unnormalised), the running max and sum are updated, and `rescale` is the factor the output
+// accumulators need (rescale_rows). Per accumulator row half (c0 c1: row g, c2 c3: row g + 8).
+template <int kN>
 __device__ __forceinline__ void online_softmax(float (&sc)[kN / 8][4], float (&row_max)[2], float (&row_sum)[2],
-                                               float (&acc_o)[kDv / 8][4]) {
+                                               float (&rescale)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = row_max[h];
@@ -262,7 +291,7 @@ __device__ __forceinline__ void online_softmax(float (&sc)[kN / 8][4], float (&r
     mx = quad_max(mx);
     // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
     const float base = mx == -INFINITY ? 0.f : mx;
-    const float rescale = fast_exp2(row_max[h] - base);
+    rescale[h] = fast_exp2(row_max[h] - base);
     row_max[h] = mx;
     float sum = 0.f;
 #pragma unroll
@@ -271,12 +300,19 @@ __device__ __forceinline__ void online_softmax(float (&sc)[kN / 8][4], float (&r
       sc[nb][2 * h + 1] = fast_exp2(sc[nb][2 * h + 1] - base);
       sum += sc[nb][2 * h] + sc[nb][2 * h + 1];
     }
-    row_sum[h] = row_sum[h] * rescale + sum;
+    // The row's sum over its quad now rather than once at the end: the shuffles come after every
+    // exponential, and ptxas does not move a wgmma wait that follows them (fwd_kernel's overlap)
+    // above a warp collective, as it does above plain arithmetic.
+    row_sum[h] = row_sum[h] * rescale[h] + quad_sum(sum);
+  }
+}
+
+template <int kDv>
+__device__ __forceinline__ void rescale_rows(float (&acc_o)[kDv / 8][4], const float (&rescale)[2]) {
 #pragma unroll
-    for (int nb = 0; nb < kDv / 8; ++nb) {
-      acc_o[nb][2 * h] *= rescale;
-      acc_o[nb][2 * h + 1] *= rescale;
-    }
+  for (int nb = 0; nb < kDv / 8; ++nb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc_o[nb][i] *= rescale[i >> 1];
   }
 }
 
@@ -285,11 +321,11 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   using Element = typename Kt::Element;
   constexpr int kM = Kt::kRows, kN = Kt::kBlockN, kDqk = Kt::kHeadDimQK, kDv = Kt::kHeadDimV;
   constexpr int kSqk = TileMma::template kRowElements<kDqk>, kSv = TileMma::template kRowElements<kDv>;
-  constexpr int kThreads = Kt::kThreads;
+  constexpr int kThreads = Kt::kThreads, kStages = TileMma::kFwdStages;
   NSA_DYNAMIC_SMEM(smem_raw);
   Element* sQ = reinterpret_cast<Element*>(smem_raw);  // [kM][kSqk]
-  Element* sK = sQ + kM * kSqk;                          // [2 stages][kN][kSqk]
-  Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
+  Element* sK = sQ + kM * kSqk;                          // [kStages][kN][kSqk]
+  Element* sV = sK + kStages * kN * kSqk;                // [kStages][kN][kSv]
 
   const QueryTile qt = query_tile(p, Schedule::tile_rows(p, kM));
   if (qt.row_begin >= qt.row_end) return;
@@ -302,7 +338,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   float acc_o[kDv / 8][4];  // O: [16 x kDv] per warp
   zero(acc_o);
   float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; the quad is summed at the end
+  float row_sum[2] = {0.f, 0.f};  // over the quad (online_softmax sums it per tile)
 
   const int64_t steps = sched.steps();
   if (steps > 0) {
@@ -315,34 +351,54 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
     load_step(0, 0);
     cp_async_commit();
 
+    // Three stages (WarpgroupMma's two-warpgroup blocks): O += P V of tile i - 1 is issued after
+    // S of tile i and runs under tile i's softmax (FlashAttention-3's in-warpgroup overlap); O is
+    // rescaled once it is done. Two stages: P V right after the softmax, and a barrier before the
+    // next tile's loads reuse the stage.
+    constexpr bool kOverlap = kStages == 3;
+    static_assert(!kOverlap || !TileMma::kPerWarp, "the overlap assumes every warp computes every tile");
+    uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN], kept for the next tile's P V when kOverlap
     for (int64_t step = 0; step < steps; ++step) {
-      const int stage = static_cast<int>(step & 1);
-      advance_pipeline<TileMma::kTensorCoreReads>(step, steps, stage, load_step);
+      const int stage = static_cast<int>(step % kStages);
+      advance_pipeline<kStages, TileMma::kTensorCoreReads>(step, steps, load_step);
 
       const auto at = sched.at(step);
       if (!TileMma::kPerWarp || sched.warp_active(at)) {
         float sc[kN / 8][4];  // S = Q K^T: [16 x kN] per warp, then P
         zero(sc);
-        TileMma::template abt<kN, kDqk>(sc, sQ, sK + stage * kN * kSqk, warp, lane);
+        TileMma::template abt<kN, kDqk, !kOverlap>(sc, sQ, sK + stage * kN * kSqk, warp, lane);
+        if constexpr (kOverlap) {
+          if (step > 0) {
+            const int previous = static_cast<int>((step - 1) % kStages);
+            TileMma::template pb<kDv, kN, false>(acc_o, pa, sV + previous * kN * kSv, warp, lane);
+            TileMma::template wait<1>(sc);  // S only
+          } else {
+            TileMma::template wait<0>(sc);
+          }
+        }
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) sc[nb][i] *= scale_log2;
         }
         apply_mask<kN>(sc, sched, at, t, -INFINITY);
-        online_softmax<kN, kDv>(sc, row_max, row_sum, acc_o);
-        uint32_t pa[kN / 16][4];  // P as A fragments: [16 x kN]
+        float rescale[2];
+        online_softmax<kN>(sc, row_max, row_sum, rescale);
+        if constexpr (kOverlap) TileMma::template wait<0>(acc_o);  // the previous P V
+        rescale_rows<kDv>(acc_o, rescale);
         accumulators_to_a<Element, kN>(pa, sc);
-        TileMma::template pb<kDv, kN>(acc_o, pa, sV + stage * kN * kSv, warp, lane);  // O += P V
+        if constexpr (!kOverlap) TileMma::template pb<kDv, kN>(acc_o, pa, sV + stage * kN * kSv, warp, lane);
       }
-      __syncthreads();
+      if constexpr (!kOverlap) __syncthreads();  // the next iteration reloads the other stage
     }
+    if constexpr (kOverlap)
+      TileMma::template pb<kDv, kN>(acc_o, pa, sV + static_cast<int>((steps - 1) % kStages) * kN * kSv, warp, lane);
   }
 
   float inv_sum[2], lse[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float total = quad_sum(row_sum[h]);
+    const float total = row_sum[h];
     const bool seen = total > 0.f;  // a row that sees no key: out 0, lse -inf
     inv_sum[h] = seen ? 1.f / total : 0.f;
     lse[h] = seen ? (row_max[h] + log2f(total)) * kLn2 : -INFINITY;
@@ -442,7 +498,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   zero(acc_dq);
   for (int64_t step = 0; step < steps; ++step) {
     const int stage = static_cast<int>(step & 1);
-    advance_pipeline<TileMma::kTensorCoreReads>(step, steps, stage, load_step);
+    advance_pipeline<2, TileMma::kTensorCoreReads>(step, steps, load_step);
     const auto at = sched.at(step);
     if (!TileMma::kPerWarp || sched.warp_active(at)) {
       const Element* k_tile = sK + stage * kN * kSqk;
@@ -566,7 +622,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dkv_kernel(const typename KeyBlo
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it & 1;
     const int64_t r0 = static_cast<int64_t>(it) * kM;
-    advance_pipeline(it, num_tiles, stage, [&](int64_t next, int next_stage) { load_queries(next * kM, next_stage); });
+    advance_pipeline(it, num_tiles, [&](int64_t next, int next_stage) { load_queries(next * kM, next_stage); });
     if (warp_active) {
       const Element* q_tile = sQ + stage * kM * kSqk;
       const Element* do_tile = sdO + stage * kM * kSv;

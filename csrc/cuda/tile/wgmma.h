@@ -68,7 +68,10 @@ __device__ __forceinline__ void fence_async_shared() {
 #ifdef NSA_EMULATE_CUDA
 inline void wgmma_fence() { emu::wgmma_fence(); }
 inline void wgmma_commit() { emu::wgmma_commit(); }
-inline void wgmma_wait() { emu::wgmma_wait(0); }
+template <int kPending = 0>
+void wgmma_wait() {
+  emu::wgmma_wait(kPending);
+}
 #else
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -80,10 +83,12 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-// Waits for every committed group: the accumulators are then readable.
+// Waits until at most kPending of this thread's committed groups are still running (groups complete
+// in order): the accumulators of the others are then readable.
+template <int kPending = 0>
 __device__ __forceinline__ void wgmma_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 #endif
