@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
     load_step(0, 0);
     cp_async_commit();
 
-    // Three stages (WarpgroupMma's two-warpgroup blocks): O += P V of tile i - 1 is issued after
+    // Three stages (WarpgroupMma at 128/128, see kFwdStages): O += P V of tile i - 1 is issued after
     // S of tile i and runs under tile i's softmax (FlashAttention-3's in-warpgroup overlap); O is
     // rescaled once it is done. Two stages: P V right after the softmax, and a barrier before the
     // next tile's loads reuse the stage.
