@@ -103,6 +103,30 @@ def test_dense_kernels_have_warpgroup_mma_versions_on_sm90a(arch, kind):
         assert re.search(r"\bHGMMA\.64x(32|64)x16\.F32\b", body), f"{name}: no HGMMA.64xNx16.F32"
         assert "LDGSTS" in body, f"{name}: no cp.async (LDGSTS)"
         assert "HMMA" not in body and "LDSM" not in body, f"{name}: mma.sync / ldmatrix left"
+        # ptxas serialises wgmma it cannot prove safe (a wait after every instruction; only
+        # -Xptxas -v reports it, "C7520 Potential Performance Loss"): each wait must cover a batch.
+        products, waits = body.count("HGMMA."), body.count("WARPGROUP.DEPBAR")
+        assert products >= 2 * waits, f"{name}: {products} wgmma, {waits} waits: serialised by ptxas"
+
+
+@pytest.mark.parametrize("arch", [a for a in _archs() if a == "90a"])
+def test_wgmma_forward_runs_the_softmax_under_p_v(arch):
+    """At 128/128 the wgmma forward leaves O += P V of the previous key tile running while it computes
+    the softmax (attention.h, kFwdStages = 3): in the SASS, after the wait for S alone (wait_group 1)
+    come the tile's 32 exponentials, and only then the wait for P V (wait_group 0). ptxas hoists such
+    a wait above arithmetic that does not feed it; a build where it does is serialised again."""
+    if 128 not in nsa_ext.build_info()["tiled_head_dims"]:
+        pytest.skip("head dim 128 not compiled")
+    kernels = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
+               if TILED_KERNELS["fwd"] in n and WARPGROUP_MMA in n and HEAD_DIM_PAIRS[128] in n
+               and FAMILIES["dense"][0] in n}
+    assert len(kernels) == 2, sorted(kernels)  # bf16 and fp16
+    for name, body in kernels.items():
+        # From each wait for S alone to the next product issued: the exponentials before its last
+        # wait for everything (the step-0 branch puts another such wait right after the first).
+        overlapped = [stretch.rpartition("DEPBAR.LE gsb0, 0x0")[0].count("MUFU.EX2")
+                      for stretch in re.findall(r"DEPBAR\.LE gsb0, 0x1\b(.*?)HGMMA", body, re.S)]
+        assert overlapped and max(overlapped) >= 32, f"{name}: exponentials between the waits: {overlapped}"
 
 
 @pytest.mark.parametrize("arch", _archs())
