@@ -139,20 +139,19 @@ struct WarpMma {
   static constexpr int kFwdSmem = Kt::kFwdSmem, kDqSmem = Kt::kDqSmem;
 
   // acc (zeroed) = A B^T over kK columns: A the warp's 16 rows of a query-row tile, B kNOut key rows.
-  // Both products are complete on return (kWait and wait() are the asynchronous policy's).
+  // Both products are complete on return (kWait is the asynchronous policy's; the forward's overlap,
+  // which leaves products running, is WarpgroupMma's only).
   template <int kNOut, int kK, bool kWait = true>
   __device__ static void abt(float (&acc)[kNOut / 8][4], const Element* a, const Element* b, int warp, int lane) {
     constexpr int kStride = kRowElements<kK>;
     gemm_ss<Element, kNOut, kK>(acc, a + warp * 16 * kStride, kStride, b, kStride, lane);
   }
   // acc += P B: P as A fragments over kKeys key rows, B their [kKeys][kNOut] tile.
-  template <int kNOut, int kKeys, bool kWait = true>
+  template <int kNOut, int kKeys>
   __device__ static void pb(float (&acc)[kNOut / 8][4], const uint32_t (&pa)[kKeys / 16][4], const Element* b, int,
                             int lane) {
     gemm_rs<Element, kNOut, kKeys>(acc, pa, b, kRowElements<kNOut>, lane);
   }
-  template <int kPending, int kN>
-  __device__ static void wait(float (&)[kN][4]) {}
 };
 
 template <typename Kt>
