@@ -95,7 +95,8 @@ else
       tests/test_cuda_long_offsets.py
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"
-    step tests-cpu 300 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py
+    step tests-cpu 300 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
+      --ignore tests/test_cuda_racecheck.py
   fi
 
   # --- 3. compute-sanitizer ----------------------------------------------------------------------
@@ -128,8 +129,10 @@ else
       -k "reference or boundaries or cpu_kernel or nothing or deterministic or tiled_kernels or graph" &&
       step bench-target-wgmma 60 env NSA_WGMMA=1 "$python" -m nsa_ext.bench --device cuda --ops window,compressed \
         --modes fwd,fwd+bwd --dtypes bfloat16 --seqlens 65536 --heads 64 --kv-heads 4 --head-dims 128 --profile 3
-    # The CPU emulation of the CUDA kernels (~15 CPU minutes) adds nothing where they run for real.
-    step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py
+    # The CPU emulation of the CUDA kernels (~15 CPU minutes, and its race check) adds nothing where
+    # they run for real (compute-sanitizer's racecheck ran above).
+    step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
+      --ignore tests/test_cuda_racecheck.py
     step bench 120 "$python" -m nsa_ext.bench --device cuda
     # Selected-block attention per group size, default tiles (64 / G positions packed) vs one position
     # per tile (G rows padded to 16): the packing trade-off of csrc/cuda/selection/config.h.

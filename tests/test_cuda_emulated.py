@@ -125,6 +125,11 @@ SELFTEST = {
     "block_too_large": r"invalid block \(1025, 1, 1\)",
     "grid_too_large": r"invalid grid \(1, 65536, 1\)",
     "smem_too_large": r"232449 bytes of dynamic shared memory, more than a block may have",
+    # Races: no emulator error (test_cuda_racecheck.py sees each reported), and __syncwarp ordering.
+    "race_shared_store": None,
+    "race_cp_async_ldmatrix": None,
+    "race_between_blocks": None,
+    "syncwarp_orders": None,
     # wgmma's asynchrony (the Hopper kernels' products).
     "wgmma_clean": None,
     "wgmma_without_fence": r"wgmma.mma_async without a wgmma.fence since the thread started or last waited",

@@ -132,8 +132,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const __grid
           best_block = other_block;
         }
       }
+      __syncwarp();  // every lane has read s.taken (shuffles order no memory) ...
       if (lane == 0) s.taken[best_block] = 1;
-      __syncwarp();
+      __syncwarp();  // ... and sees this write in the next round
     }
     if (lane == 0) {
       int64_t e = 0;

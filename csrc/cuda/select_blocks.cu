@@ -57,9 +57,9 @@ __device__ __forceinline__ Pick<acc_t> warp_best(Pick<acc_t> p) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) select_kernel(const SelectParams p, int64_t max_tokens) {
   NSA_DYNAMIC_SMEM(smem_raw);
-  acc_t* tokens = reinterpret_cast<acc_t*>(smem_raw);  // [max_tokens]
-  acc_t* scores = tokens + max_tokens;                  // [max blocks]
-  __shared__ Pick<acc_t> warp_picks[kWarps];
+  auto* warp_picks = reinterpret_cast<Pick<acc_t>*>(smem_raw);                        // [kWarps]
+  acc_t* tokens = reinterpret_cast<acc_t*>(smem_raw + kWarps * sizeof(Pick<acc_t>));  // [max_tokens]
+  acc_t* scores = tokens + max_tokens;                                                  // [max blocks]
 
   const int64_t seq = blockIdx.x / p.max_seqlen_q, row = blockIdx.x % p.max_seqlen_q, head_k = blockIdx.y;
   const SeqSpan s = seq_span(p, seq);
@@ -169,7 +169,8 @@ void select_blocks_cuda(const SelectParams& p, at::ScalarType dtype) {
   TORCH_CHECK(grid < (int64_t(1) << 31) && p.num_heads_k < 65536, "nsa: select_blocks problem too large for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nsa_select_blocks_cuda", [&] {
     using acc_t = baseline::accumulate_t<scalar_t>;
-    const int64_t smem = (max_tokens + max_blocks) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t smem = (max_tokens + max_blocks) * static_cast<int64_t>(sizeof(acc_t)) +
+                         kWarps * static_cast<int64_t>(sizeof(Pick<acc_t>));
     constexpr int64_t kMaxSmem = 160 * 1024;
     TORCH_CHECK(smem <= kMaxSmem, "nsa: select_blocks on CUDA holds one query's ", max_tokens, " token and ",
                 max_blocks, " block scores in shared memory, more than ", kMaxSmem, " bytes; use shorter keys");

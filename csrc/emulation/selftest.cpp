@@ -116,6 +116,34 @@ const std::map<std::string, Case>& cases() {
       {"block_too_large", {dim3(1), dim3(1025), 0, [] {}}},
       {"grid_too_large", {dim3(1, 65536), dim3(32), 0, [] {}}},
       {"smem_too_large", {dim3(1), dim3(32), size_t(kMaxSmemPerBlock) + 1, [] {}}},
+      // Races: no error under plain emulation (they check no values) but each reported by the
+      // race-check build (tests/test_cuda_racecheck.py), as compute-sanitizer's racecheck would.
+      {"race_shared_store", {dim3(1), dim3(64), 2 * sizeof(float), [] {
+         if (threadIdx.x == 0) smem_floats()[0] = 1.f;
+         if (threadIdx.x == 32) smem_floats()[1] = smem_floats()[0];  // another warp, no barrier between
+       }}},
+      {"race_cp_async_ldmatrix", {dim3(1), dim3(64), 32 * 16, [] {
+         alignas(16) static const float source[4] = {1, 1, 1, 1};
+         if (threadIdx.x < 32) {  // warp 0 loads 32 rows, which warp 1 reads without a barrier
+           cp_async_16(dynamic_smem() + 16 * lane(), source, true);
+           cp_async_commit();
+           cp_async_wait(0);
+         } else {
+           uint32_t r[4];
+           ldmatrix_x4(r, dynamic_smem() + 16 * lane(), false);
+         }
+       }}},
+      {"race_between_blocks", {dim3(2), dim3(32), 0, [] {
+         static volatile float written_by_every_block;  // volatile: a store nobody reads stays
+         if (lane() == 0) written_by_every_block = float(blockIdx.x);
+       }}},
+      // Ordered by __syncwarp: no report.
+      {"syncwarp_orders", {dim3(1), dim3(32), 32 * sizeof(float), [] {
+         smem_floats()[lane()] = float(lane());
+         __syncwarp();
+         const float other = smem_floats()[lane() ^ 1];
+         TORCH_CHECK(other == float(lane() ^ 1), "syncwarp kernel read ", other);
+       }}},
       {"wgmma_clean", wgmma_case("")},
       {"wgmma_without_fence", wgmma_case("without_fence")},
       {"wgmma_unfenced_cp_async", wgmma_case("unfenced_cp_async")},

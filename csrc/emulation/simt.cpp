@@ -7,6 +7,13 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
+#if defined(NSA_EMULATE_RACECHECK)
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
 
 #include <cstdlib>
 #include <cstring>
@@ -66,6 +73,7 @@ constexpr size_t kGuardBytes = 4096;  // below each stack, no access: an overflo
 constexpr size_t kSmemAlignment = 128;
 constexpr unsigned char kPoison = 0xff;  // NaN in bf16, fp16, fp32 and fp64; -1 in integers
 
+
 struct Copy {
   unsigned char* dst;
   const unsigned char* src;  // null: zero-fill
@@ -99,6 +107,8 @@ struct Fiber {
   void* sp = nullptr;  // saved stack pointer while suspended
   unsigned char* stack = nullptr;
   void* asan_fake_stack = nullptr;
+  void* tsan_fiber = nullptr;  // race-check builds
+  int unwatched = 0;           // depth of Unwatched scopes
   Indices indices;
   bool done = false;
   bool waiting = false;
@@ -122,6 +132,7 @@ struct WarpState {
   std::vector<int> waiters;
   int64_t wgmma_issued = 0;  // the warpgroup's four warps must issue the same sequence
   uint64_t wgmma_hash = 0;
+  int64_t syncwarps = 0;  // __syncwarp calls completed
 };
 
 // Thrown inside a fiber to end it after an emulation error (the launch then reports the error).
@@ -146,13 +157,20 @@ struct Stacks {
 struct Launch {
   const std::function<void()>* body = nullptr;
   size_t smem_bytes = 0;
-  std::unique_ptr<unsigned char, decltype(&std::free)> smem{nullptr, &std::free};
+  std::unique_ptr<unsigned char, void (*)(void*)> smem{nullptr, &std::free};
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   int barrier_arrived = 0;
   const char* barrier_file = nullptr;  // call site of the barrier the waiting threads are at
   int barrier_line = 0;
   std::vector<int> barrier_waiters;
+  int64_t barriers = 0;  // completed
+  // Race checks: the block's synchronisation objects, new for each block (two per barrier or warp,
+  // by parity: a thread released from barrier k may reach k + 1 before another has left k), and the
+  // launch's end, after which the host reads what every thread wrote.
+  std::unique_ptr<uint64_t[]> block_sync;
+  uint64_t block_begin = 0, launch_end = 0;
+  void* scheduler_fiber = nullptr;
   // Per 16-byte chunk of shared memory: the thread whose cp.async wrote it and has not run
   // fence.proxy.async since (the async proxy, wgmma, may not see the write yet), or -1.
   std::vector<int> unfenced_writer;
@@ -168,6 +186,66 @@ thread_local Launch* g_launch = nullptr;
 thread_local Counters g_counters;
 thread_local Stacks g_stacks;
 
+// Race-check builds (CMake NSA_SANITIZE_THREAD): each emulated thread is a ThreadSanitizer fiber, and
+// switches between fibers order nothing. This file is not instrumented; it tells TSan what orders
+// threads on a GPU (barriers, __syncwarp) and which accesses it makes for them (cp.async from issue
+// to wait, ldmatrix rows, wgmma operands), and hides its own bookkeeping (containers and strings
+// that the fibers share in ways no GPU thread would) inside Unwatched scopes.
+#if defined(NSA_EMULATE_RACECHECK)
+int* unwatched_depth() {
+  return g_launch != nullptr && g_launch->current >= 0 ? &g_launch->fibers[g_launch->current].unwatched : nullptr;
+}
+struct Unwatched {
+  int* depth = unwatched_depth();
+  Unwatched() {
+    if (depth && (*depth)++ == 0) __tsan_ignore_thread_begin();
+  }
+  ~Unwatched() {
+    if (depth && --*depth == 0) __tsan_ignore_thread_end();
+  }
+};
+// An access the emulator makes for the running thread, checked even inside an Unwatched scope.
+template <typename Access>
+void watched(Access&& access) {
+  int* depth = unwatched_depth();
+  const bool lift = depth && *depth > 0;
+  if (lift) __tsan_ignore_thread_end();
+  access();
+  if (lift) __tsan_ignore_thread_begin();
+}
+void race_read(const void* p, size_t bytes) { watched([&] { __tsan_read_range(const_cast<void*>(p), bytes); }); }
+void race_write(void* p, size_t bytes) { watched([&] { __tsan_write_range(p, bytes); }); }
+void race_release(void* sync) { __tsan_release(sync); }
+void race_acquire(void* sync) { __tsan_acquire(sync); }
+// Memory a new block starts with (shared memory, stacks): fresh pages, so that what the previous
+// block's threads did there is forgotten rather than ordered before this block (which would order
+// the blocks of a launch and hide their races).
+void race_fresh(void* p, size_t bytes) {
+  if (bytes == 0) return;
+  const uintptr_t page = 4096, begin = reinterpret_cast<uintptr_t>(p) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
+  void* mapped = mmap(reinterpret_cast<void*>(begin), end - begin, PROT_READ | PROT_WRITE,
+                      MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(mapped != MAP_FAILED, "nsa emulator: cannot renew memory for the race check");
+}
+// Shared memory on pages of its own (race_fresh renews them for each block), mapped once per host thread.
+unsigned char* race_smem() {
+  static thread_local unsigned char* const arena = [] {
+    void* p = mmap(nullptr, size_t(kMaxSmemPerBlock) + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "nsa emulator: cannot map shared memory");
+    return static_cast<unsigned char*>(p);
+  }();
+  return arena;
+}
+#else
+struct Unwatched {};
+void race_read(const void*, size_t) {}
+void race_write(void*, size_t) {}
+void race_release(void*) {}
+void race_acquire(void*) {}
+void race_fresh(void*, size_t) {}
+#endif
+
 Launch& running() {
   TORCH_CHECK(g_launch != nullptr && g_launch->current >= 0, "nsa emulator: device code called outside a launch");
   return *g_launch;
@@ -182,6 +260,7 @@ std::string where(const Launch& l, int id) {
 }
 
 [[noreturn]] void fail(const std::string& message) {
+  Unwatched unwatched;
   Launch& l = running();
   if (l.error.empty()) l.error = where(l, l.current) + ": " + message;
   throw FiberAbort{};
@@ -190,6 +269,9 @@ std::string where(const Launch& l, int id) {
 // Stack switches, announced to AddressSanitizer in its builds (else it takes a fiber's stack for an
 // overflow of the scheduler's).
 void resume(Launch& l, Fiber& f) {
+#if defined(NSA_EMULATE_RACECHECK)
+  __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, f.stack, kStackBytes);
@@ -207,6 +289,9 @@ void entered(Launch& l, Fiber& f) {
 }
 
 void suspend(Launch& l, Fiber& f, bool finished) {
+#if defined(NSA_EMULATE_RACECHECK)
+  __tsan_switch_to_fiber(l.scheduler_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_start_switch_fiber(finished ? nullptr : &f.asan_fake_stack, l.scheduler_stack, l.scheduler_stack_bytes);
 #endif
@@ -227,23 +312,31 @@ void release(Launch& l, std::vector<int>& waiters) {
 void release_barrier_if_complete(Launch& l) {
   if (l.barrier_arrived > 0 && l.barrier_arrived == l.live) {
     l.barrier_arrived = 0;
+    ++l.barriers;
     release(l, l.barrier_waiters);
   }
 }
+
+void* barrier_sync(Launch& l, int64_t barrier) { return &l.block_sync[barrier & 1]; }
+void* syncwarp_sync(Launch& l, size_t warp, int64_t syncwarp) { return &l.block_sync[2 + 2 * warp + (syncwarp & 1)]; }
 
 [[noreturn]] void fiber_main() {
   Launch& l = *g_launch;
   const int id = l.current;
   entered(l, l.fibers[id]);
+  race_acquire(&l.block_begin);
   try {
     (*l.body)();
     if (!l.fibers[id].pending_d.empty()) fail("thread ended with a wgmma in flight (no wgmma.wait_group covers it)");
   } catch (const FiberAbort&) {
   } catch (const c10::Error& e) {
+    Unwatched unwatched;
     if (l.error.empty()) l.error = where(l, id) + ": " + e.what_without_backtrace();
   } catch (const std::exception& e) {
+    Unwatched unwatched;
     if (l.error.empty()) l.error = where(l, id) + ": " + e.what();
   }
+  race_release(&l.launch_end);
   l.fibers[id].done = true;
   --l.live;
   release_barrier_if_complete(l);
@@ -276,13 +369,50 @@ std::string deadlock_report(const Launch& l) {
   return s.str();
 }
 
+#if defined(NSA_EMULATE_RACECHECK)
+// TSan fibers of finished blocks, oldest first. A fiber is one TSan thread: reused, it is ordered after
+// everything its former thread did and saw, so it goes to a new block only once this many threads
+// have finished after it (races between blocks closer than that in the emulator's order are seen).
+// Creating a fiber for every thread instead costs more than the kernels themselves.
+constexpr size_t kRetiredFibers = 1024;
+thread_local std::deque<void*> g_retired_fibers;
+void* fresh_fiber() {
+  if (g_retired_fibers.size() <= kRetiredFibers) return __tsan_create_fiber(0);
+  void* fiber = g_retired_fibers.front();
+  g_retired_fibers.pop_front();
+  return fiber;
+}
+#endif
+
 void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& block_idx, bool reverse) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
+  race_fresh(l.smem.get(), l.smem_bytes);
   std::memset(l.smem.get(), kPoison, l.smem_bytes);
   l.fibers.assign(threads, Fiber{});
   l.warps.assign((threads + 31) / 32, WarpState{});
   l.barrier_arrived = 0;
   l.barrier_waiters.clear();
+  l.barriers = 0;
+  l.block_sync.reset(new uint64_t[2 + 2 * l.warps.size()]());
+#if defined(NSA_EMULATE_RACECHECK)
+  struct RetireFibers {
+    Launch& l;
+    ~RetireFibers() {
+      for (Fiber& f : l.fibers) {
+        if (!f.tsan_fiber) continue;
+        if (f.done) {
+          g_retired_fibers.push_back(f.tsan_fiber);
+          continue;
+        }
+        // A thread left inside the kernel (the launch failed): its ignores end, and it is not reused.
+        __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+        if (f.unwatched > 0) __tsan_ignore_thread_end();  // the outermost scope began the ignore
+        __tsan_switch_to_fiber(l.scheduler_fiber, __tsan_switch_to_fiber_no_sync);
+        __tsan_destroy_fiber(f.tsan_fiber);
+      }
+    }
+  } retire_fibers{l};
+#endif
   l.unfenced_writer.assign(l.smem_bytes / 16 + 1, -1);
   l.live = threads;
   for (int id = 0; id < threads; ++id) {
@@ -292,8 +422,15 @@ void run_block(Launch& l, const dim3& grid, const dim3& block, const uint3& bloc
     f.indices.block_dim = block;
     f.indices.grid_dim = grid;
     f.stack = g_stacks.get(id);
+    race_fresh(f.stack, kStackBytes);
     f.sp = initial_stack(f.stack, kStackBytes);
+#if defined(NSA_EMULATE_RACECHECK)
+    f.tsan_fiber = fresh_fiber();
+#endif
   }
+  // What the host did before the block (the launch's arguments, this block's fresh memory), for the
+  // threads of reused fibers; the host has seen nothing of the launch's threads yet.
+  race_release(&l.block_begin);
   while (l.live > 0) {
     bool ran = false;
     for (int k = 0; k < threads; ++k) {
@@ -331,6 +468,7 @@ void check_smem_range(const Launch& l, const void* p, size_t bytes, const char* 
 
 void apply(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
+    race_write(c.dst, 16);
     if (c.src) std::memcpy(c.dst, c.src, 16);
     else std::memset(c.dst, 0, 16);
   }
@@ -433,6 +571,7 @@ uint16_t descriptor_element(const Launch& l, uint64_t desc, int mn, int k, bool 
     fail("wgmma reads shared memory (byte " + std::to_string(offset) + ") that thread " + std::to_string(writer) +
          " wrote by cp.async without a fence.proxy.async since");
   uint16_t bits;
+  race_read(l.smem.get() + offset, 2);  // at issue, by the warp's last lane, and again at its wait
   std::memcpy(&bits, l.smem.get() + offset, 2);
   reads.elements.emplace_back(static_cast<uint32_t>(offset), bits);
   return bits;
@@ -512,13 +651,20 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
   Launch l;
   l.body = &body;
   l.smem_bytes = smem;
+#if defined(NSA_EMULATE_RACECHECK)
+  l.smem = std::unique_ptr<unsigned char, void (*)(void*)>(race_smem(), [](void*) {});
+#else
   // aligned_alloc wants a multiple of the alignment; one spare line keeps a zero-byte launch valid.
   const size_t rounded = (smem / kSmemAlignment + 1) * kSmemAlignment;
   l.smem.reset(static_cast<unsigned char*>(std::aligned_alloc(kSmemAlignment, rounded)));
+#endif
   TORCH_CHECK(l.smem, "nsa emulator: cannot allocate ", smem, " bytes of shared memory");
   const char* order = std::getenv("NSA_EMULATE_ORDER");
   const bool reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
   g_launch = &l;
+#if defined(NSA_EMULATE_RACECHECK)
+  l.scheduler_fiber = __tsan_get_current_fiber();
+#endif
   ++g_counters.launches;
   try {
     const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -530,12 +676,14 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
     }
   } catch (...) {
     g_launch = nullptr;
+    race_acquire(&l.launch_end);
     throw;
   }
   g_launch = nullptr;
+  race_acquire(&l.launch_end);  // the host reads the results after the launch
 }
 
-const Indices& indices() {
+Indices indices() {
   Launch& l = running();
   return l.fibers[l.current].indices;
 }
@@ -543,6 +691,7 @@ const Indices& indices() {
 unsigned char* dynamic_smem() { return running().smem.get(); }
 
 void sync_block(const char* file, int line) {
+  Unwatched unwatched;
   Launch& l = running();
   const int id = l.current;
   // One barrier, one call site: threads that meet at different __syncthreads hang or misbehave on a GPU.
@@ -557,11 +706,15 @@ void sync_block(const char* file, int line) {
   ++l.barrier_arrived;
   l.barrier_waiters.push_back(id);
   l.fibers[id].waiting = true;
+  void* sync = barrier_sync(l, l.barriers);
+  race_release(sync);
   release_barrier_if_complete(l);
   if (l.fibers[id].waiting) suspend(l, l.fibers[id], false);
+  race_acquire(sync);
 }
 
 void warp_collective(unsigned mask, const char* op, Combine combine, const void* input, void* output) {
+  Unwatched unwatched;
   Launch& l = running();
   const int id = l.current, lane = id % 32;
   WarpState& w = l.warps[id / 32];
@@ -581,14 +734,19 @@ void warp_collective(unsigned mask, const char* op, Combine combine, const void*
   w.inputs[lane] = input;
   w.outputs[lane] = output;
   w.arrived |= 1u << lane;
+  // __syncwarp orders the memory accesses of its lanes; the other collectives exchange registers only.
+  void* sync = combine == syncwarp_combine ? syncwarp_sync(l, id / 32, w.syncwarps) : nullptr;
+  if (sync) race_release(sync);
   if (w.arrived == w.mask) {
     w.combine(w.inputs, w.outputs, w.mask);
     w.arrived = 0;
+    if (sync) ++w.syncwarps;
     release(l, w.waiters);
-    return;
+  } else {
+    w.waiters.push_back(id);
+    wait(l, id);
   }
-  w.waiters.push_back(id);
-  wait(l, id);
+  if (sync) race_acquire(sync);
 }
 
 void ballot_combine(const void* const* in, void* const* out, unsigned mask) {
@@ -602,22 +760,28 @@ void ballot_combine(const void* const* in, void* const* out, unsigned mask) {
 void syncwarp_combine(const void* const*, void* const*, unsigned) {}
 
 void cp_async_16(void* smem, const void* gmem, bool valid) {
+  Unwatched unwatched;
   Launch& l = running();
   check_smem_range(l, smem, 16, "cp.async");
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async: global address not 16-byte aligned");
   std::memset(smem, kPoison, 16);  // undefined until a wait covers the copy
+  // The copy may land any time until the wait: a write at both ends (apply) for the race check.
+  race_write(smem, 16);
+  if (valid) race_read(gmem, 16);
   ++g_counters.cp_async;
   l.fibers[l.current].open_group.push_back({static_cast<unsigned char*>(smem),
                                             valid ? static_cast<const unsigned char*>(gmem) : nullptr});
 }
 
 void cp_async_commit() {
+  Unwatched unwatched;
   Fiber& f = running().fibers[running().current];
   f.committed.push_back(std::move(f.open_group));
   f.open_group.clear();
 }
 
 void cp_async_wait(int pending) {
+  Unwatched unwatched;
   Launch& l = running();
   Fiber& f = l.fibers[l.current];
   while (f.committed.size() > static_cast<size_t>(pending)) {
@@ -632,6 +796,7 @@ void cp_async_wait(int pending) {
 }
 
 void fence_proxy_async() {
+  Unwatched unwatched;
   Launch& l = running();
   Fiber& f = l.fibers[l.current];
   for (const uint32_t chunk : f.unfenced)
@@ -640,8 +805,10 @@ void fence_proxy_async() {
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+  Unwatched unwatched;
   Launch& l = running();
   check_smem_range(l, smem, 16, trans ? "ldmatrix.trans" : "ldmatrix");
+  race_read(smem, 16);  // the lane's row
   // Each lane passes a pointer to its row address; the combine reads the rows.
   const void* address = smem;
   warp_collective(0xffffffffu, trans ? "ldmatrix.x4.trans" : "ldmatrix.x4",
@@ -649,6 +816,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
 }
 
 uint32_t shared_offset(const void* p) {
+  Unwatched unwatched;
   Launch& l = running();
   const auto* c = static_cast<const unsigned char*>(p);
   if (c < l.smem.get() || c > l.smem.get() + l.smem_bytes) fail("shared address outside the block's dynamic shared memory");
@@ -657,6 +825,7 @@ uint32_t shared_offset(const void* p) {
 
 void wgmma_m64nNk16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool accumulate,
                     bool trans_b, bool bf16) {
+  Unwatched unwatched;
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: n must be a multiple of 8 in [8, 256]");
   Launch& l = running();
   Fiber& f = l.fibers[l.current];
@@ -697,6 +866,7 @@ void wgmma_fence() { running().fibers[running().current].wgmma_fenced = true; }
 void wgmma_commit() { ++running().fibers[running().current].wgmma_groups; }
 
 void wgmma_wait(int pending) {
+  Unwatched unwatched;
   Launch& l = running();
   Fiber& f = l.fibers[l.current];
   const int64_t done = f.wgmma_groups - pending;  // groups below this one are complete
@@ -722,6 +892,7 @@ void wgmma_wait(int pending) {
     if (--p.reads->lanes_waiting > 0) return;
     for (const auto& [offset, bits] : p.reads->elements) {
       uint16_t now;
+      race_read(l.smem.get() + offset, 2);
       std::memcpy(&now, l.smem.get() + offset, 2);
       if (now != bits)
         fail("wgmma: shared memory at byte " + std::to_string(offset) + " changed while a wgmma read it");
@@ -731,6 +902,7 @@ void wgmma_wait(int pending) {
 }
 
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  Unwatched unwatched;
   MmaIn in;
   std::memcpy(in.a, a, sizeof(in.a));
   in.b[0] = b0;

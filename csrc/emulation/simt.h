@@ -49,7 +49,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// Static __shared__ variables would be one object for every block; kernels use dynamic shared memory
+// only (NSA_DYNAMIC_SMEM), which the emulator gives each block fresh and poisoned.
+#define __shared__ nsa_emulation_supports_dynamic_shared_memory_only
 #define __launch_bounds__(...)
 #define __grid_constant__
 
@@ -74,7 +76,7 @@ Counters& counters();
 // Runs body once per thread of every block of the grid; throws c10::Error on an emulation error.
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
-const Indices& indices();        // the running thread's
+Indices indices();  // the running thread's (a copy: the race check sees only what a thread owns)
 unsigned char* dynamic_smem();   // the running block's
 void sync_block(const char* file, int line);  // __syncthreads at file:line
 
@@ -118,8 +120,10 @@ struct ShuffleIn {
   T value;
   int lane_mask;
 };
+// Not instrumented in race-check builds: it reads and writes other lanes' locals on their behalf.
 template <typename T>
-void shuffle_xor_combine(const void* const* in, void* const* out, unsigned mask) {
+__attribute__((no_sanitize("thread"))) void shuffle_xor_combine(const void* const* in, void* const* out,
+                                                                unsigned mask) {
   for (int lane = 0; lane < 32; ++lane) {
     if (!out[lane]) continue;
     const auto* mine = static_cast<const ShuffleIn<T>*>(in[lane]);

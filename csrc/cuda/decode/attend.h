@@ -137,6 +137,7 @@ __device__ void chunk_softmax(const SoftmaxSmem<acc_t>& s, int heads, int rows, 
       if (r >= skip) total += prob;
     }
     total = baseline::warp_sum(total);
+    __syncwarp();  // every lane has read s.max[h] (shuffles order no memory)
     if (lane == 0) {
       s.alpha[h] = fast_exp(s.max[h] - top);  // 0 on the first chunk (max was -inf)
       s.sum[h] = s.sum[h] * s.alpha[h] + total;
