@@ -15,5 +15,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
 site="$root/build/sanitize/site"
 NSA_ENABLE_CUDA=OFF "$python" -m pip install --quiet --no-build-isolation --no-deps --upgrade \
-  --target "$site" -C build-dir="$root/build/sanitize/cmake" -C cmake.define.NSA_SANITIZE=ON "$root" >&2
+  --target "$site" -C build-dir="$root/build/sanitize/cmake" -C install.strip=false -C cmake.define.NSA_SANITIZE=ON \
+  "$root" >&2
 echo "$site"
