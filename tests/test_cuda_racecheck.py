@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from test_cuda_emulated import _layer_and_decoding
+from test_sanitizers import _runtime
 from utils import EMULATED_CUDA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,16 +48,11 @@ KERNEL_TESTS = [
 ]
 
 
-def _tsan_runtime():
-    path = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
 @pytest.fixture(scope="module")
 def racecheck_env():
     if EMULATED_CUDA:
         pytest.skip("runs its own child")
-    runtime = _tsan_runtime()
+    runtime = _runtime("libtsan.so")
     if runtime is None:
         pytest.skip("gcc has no libtsan.so (install the gcc sanitizer runtimes)")
     build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True, cwd=ROOT,

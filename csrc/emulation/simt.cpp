@@ -73,7 +73,6 @@ constexpr size_t kGuardBytes = 4096;  // below each stack, no access: an overflo
 constexpr size_t kSmemAlignment = 128;
 constexpr unsigned char kPoison = 0xff;  // NaN in bf16, fp16, fp32 and fp64; -1 in integers
 
-
 struct Copy {
   unsigned char* dst;
   const unsigned char* src;  // null: zero-fill
