@@ -32,7 +32,8 @@ void decode_attention_cuda(const DecodeParams& params, at::ScalarType dtype);
 void dense_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype);
 void dense_attention_bwd_cuda(const AttentionBwdParams& params, at::ScalarType dtype);
 void select_blocks_cuda(const SelectParams& params, at::ScalarType dtype);
-void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype);
+void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedBlocks& selection, at::ScalarType dtype,
+                                  const at::Tensor& q);
 // q and lse give the shapes and options of the scratch tensors (reverse index, delta).
 void selection_attention_bwd_cuda(const AttentionBwdParams& params, const SelectedBlocks& selection,
                                   at::ScalarType dtype, const at::Tensor& q, const at::Tensor& lse);

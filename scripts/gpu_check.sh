@@ -134,12 +134,13 @@ else
     step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
       --ignore tests/test_cuda_racecheck.py
     step bench 120 "$python" -m nsa_ext.bench --device cuda
-    # Selected-block attention per group size, default tiles (64 / G positions packed) vs one position
-    # per tile (G rows padded to 16): the packing trade-off of csrc/cuda/selection/config.h.
-    for g in 1 4 16; do
-      for positions in 0 1; do
-        step "bench-selection-G$g-p$positions" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
-          --modes fwd --seqlens 16384 --heads $((4 * g)) --kv-heads 4 --head-dim 128 --tile-positions $positions
+    # Selected-block attention's forward per group size: query tiles (64 / G positions packed, over the
+    # union of their blocks) vs by blocks (the queries that chose a block, partial outputs combined):
+    # the choice csrc/cuda/selection/config.h leaves to this measurement.
+    for g in 1 2 4 16; do
+      for forward in tiles blocks; do
+        step "bench-selection-G$g-$forward" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
+          --modes fwd --seqlens 16384,65536 --heads $((4 * g)) --kv-heads 4 --head-dim 128 --selection-forward $forward
       done
     done
   else
@@ -155,6 +156,6 @@ if [ -f "$logdir/bench-target-wgmma.log" ]; then echo; echo "== target shape, fo
 if [ -f "$logdir/bench-decode.log" ]; then echo; echo "== decoding target =="; cat "$logdir/bench-decode.log"; fi
 if [ -f "$logdir/bench.log" ]; then echo; echo "== python -m nsa_ext.bench --device cuda =="; cat "$logdir/bench.log"; fi
 for f in "$logdir"/bench-selection-*.log; do
-  [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) (p0: default tile, p1: one position per tile) =="; tail -n 3 "$f"; }
+  [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) =="; tail -n 4 "$f"; }
 done
 exit $failed

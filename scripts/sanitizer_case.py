@@ -1,7 +1,8 @@
 """One small forward + backward per CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh):
 the tiled bf16 kernels with a window and with compressed tokens (packed, with an empty and a
 length-1 sequence, G = 3) and the baseline fp32 kernel; selected-block attention likewise (tiled bf16
-with select_block 32 and G = 3, baseline fp32), with -1, duplicate, out-of-range and future ids;
+with select_block 32 and G = 3, its forward by query tiles and by blocks, baseline fp32), with -1,
+duplicate, out-of-range and future ids;
 select_blocks on the compressed case; and the split decoding kernels (ragged cache lengths, one shorter
 than a compressed token, one long enough for two compressed splits, TQ = 2), with the tensor-core
 (bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel. On an sm_90 GPU, last, the bf16 window
@@ -27,11 +28,15 @@ def selection(lengths):
     ids = torch.randint(-1, 4, (sum(lengths), 2, 5), dtype=torch.int32, device="cuda")
     ids[::7, :, 1] = 2**31 - 1  # out of range
     ids[::5, :, 2] = ids[::5, :, 3]  # duplicates
-    for dtype in (torch.bfloat16, torch.float32):
+    # The tiled bf16 forward by query tiles, then by blocks (chunks of 20 index rows), and the baseline.
+    for dtype, forward in ((torch.bfloat16, "tiles"), (torch.bfloat16, "blocks"), (torch.float32, "tiles")):
+        os.environ["NSA_SELECTION_FORWARD"] = forward
+        os.environ["NSA_SELECTION_PARTIAL_BYTES"] = str(20 * 6 * 5 * 65 * 4)
         q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, dtype)
         out, lse = nsa_ext.selection_attention(q, k, v, ids, select_block=32, cu_seqlens_q=cq, cu_seqlens_k=ck,
                                                max_seqlen_q=70, max_seqlen_k=70)
         (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    del os.environ["NSA_SELECTION_FORWARD"], os.environ["NSA_SELECTION_PARTIAL_BYTES"]
 
 
 def main():

@@ -26,7 +26,8 @@ DECODE_ATTEND = "20decode_attend_kernel"
 # code on sm_90a, a stub elsewhere (the host launches them only on sm_90 devices).
 WARPGROUP_MMA = "12WarpgroupMma"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
-FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"), "selection": ("SelectionSchedule", "SelectionKeyBlock")}
+FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"),
+            "selection": ("SelectionSchedule", "SelectionBlockSchedule", "SelectionKeyBlock")}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
 HEAD_DIM_PAIRS = {64: "Li64ELi64E", 128: "Li128ELi128E", 192: "Li192ELi128E", 256: "Li256ELi256E"}
 
@@ -80,6 +81,8 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
     functions = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
                  if any(policy in n for policy in FAMILIES[family])}
     assert functions, f"no tiled {family} attention kernels in the sm_{arch} cubin"
+    for policy in FAMILIES[family]:
+        assert any(policy in n for n in functions), f"no {policy} kernel in the sm_{arch} cubin"
     for kind, tag in TILED_KERNELS.items():
         kernels = {n: body for n, body in functions.items() if tag in n}
         assert kernels, f"no {family} {kind} kernel for sm_{arch}"

@@ -9,6 +9,7 @@ no GPU is. All tiled head dims are built, as in the normal build. The child take
 
 The tests at the bottom run inside that child only."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -74,7 +75,7 @@ def test_emulation_build_is_loaded():
 
 def _layer_and_decoding(dtype, head_dim):
     """Every kernel once: the NSA layer forward and backward (compressed, select_blocks, selection and
-    window attention), then one decoding step over a ragged cache."""
+    window attention), one decoding step over a ragged cache, and selection's forward by blocks."""
     torch.manual_seed(0)
     layer = nsa_ext.NativeSparseAttention(256, num_heads=8, num_kv_heads=2, head_dim=head_dim, config=CONFIG)
     layer = layer.to(dtype)
@@ -90,7 +91,27 @@ def _layer_and_decoding(dtype, head_dim):
     b = b.to(dtype, GPU, requires_grad=True)
     selected, _ = nsa_ext.selection_attention(b.q, b.k, b.v, idx, select_block=16, **b.seqlens)
     selected_grads = torch.autograd.grad(selected.float().square().sum(), (b.q, b.k, b.v))
-    return [out, *grads, decoded, indices, selected, *selected_grads]
+    # The forward by blocks, in three chunks of index rows (tiled dtypes only; the baseline ignores it).
+    b, idx = batch_and_indices([0, 1, 70, 33], [0, 1, 90, 33], 8, 2, head_dim, head_dim, 16, 5, True, gen)
+    b = b.to(dtype, GPU)
+    budget = 40 * 8 * 5 * (head_dim + 1) * 4  # 40 rows of Hq = 8, n = 5
+    with _environment(NSA_SELECTION_FORWARD="blocks", NSA_SELECTION_PARTIAL_BYTES=str(budget)):
+        by_blocks = nsa_ext.selection_attention(b.q, b.k, b.v, idx, select_block=16, **b.seqlens)
+    return [out, *grads, decoded, indices, selected, *selected_grads, *by_blocks]
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 @child_only

@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> selection_attention_fwd(
   if (!s.has_work) return {s.out, s.lse};
 #ifdef NSA_WITH_CUDA
   if (uses_cuda_kernels(q)) {
-    selection_attention_fwd_cuda(s.params, d.selection, q.scalar_type());
+    selection_attention_fwd_cuda(s.params, d.selection, q.scalar_type(), q);
     return {s.out, s.lse};
   }
 #endif

@@ -144,6 +144,28 @@ NSA_HOST_DEVICE int64_t reverse_slot(int64_t kv_head, int64_t seq, int64_t block
 }
 NSA_HOST_DEVICE int64_t reverse_entry(int64_t slot, int64_t query) { return (slot << 32) | query; }
 NSA_HOST_DEVICE int64_t entry_query(int64_t entry) { return entry & 0xffffffff; }
+NSA_HOST_DEVICE int64_t entry_slot(int64_t entry) { return entry >> 32; }
+
+// Row of the index tensor (and of the forward by blocks' partial outputs) that holds query `query` of
+// a sequence: padded b * TQ + i, packed the packed row.
+NSA_HOST_DEVICE int64_t index_row(const AttentionParams& p, const SeqSpan& s, int64_t query) {
+  return s.batch * p.max_seqlen_q + s.q_row_begin + query;
+}
+// Its inverse: the sequence and query of index row `row`; seq == num_seqs for a packed row that no
+// sequence holds (past cu_seqlens_q[N]).
+struct IndexRow {
+  int64_t seq;
+  int64_t query;
+};
+NSA_HOST_DEVICE IndexRow locate_index_row(const AttentionParams& p, int64_t row) {
+  if (p.cu_seqlens_q == nullptr) return {row / p.max_seqlen_q, row % p.max_seqlen_q};
+  int64_t lo = 0, hi = p.num_seqs;  // the sequence whose rows [cu[b], cu[b+1]) hold `row`, or none
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.cu_seqlens_q[mid + 1] <= row) lo = mid + 1; else hi = mid;
+  }
+  return {lo, lo < p.num_seqs ? row - p.cu_seqlens_q[lo] : 0};
+}
 
 // Whether slot s of an index row (count ids) counts: block_counts, and not a repeat of an earlier slot.
 NSA_HOST_DEVICE bool first_counting_slot(const int32_t* ids, int64_t slot, int64_t num_blocks, int64_t select_block,
@@ -163,6 +185,14 @@ struct SelectionAttentionParams : AttentionBwdParams {
   int64_t blocks_per_seq;          // ceil(max_key_rows / l'): reverse-index slots per (kv head, sequence)
   const int64_t* reverse_offsets;  // [Hk * N * blocks_per_seq + 1]: entries of slot s are [off[s], off[s+1])
   const int64_t* reverse_entries;  // sorted reverse_entry values
+  // The forward by blocks (cuda/selection_attention.cu), one chunk of index rows at a time:
+  int64_t chunk_row_begin;         // index rows [chunk_row_begin, chunk_row_end)
+  int64_t chunk_row_end;
+  const int64_t* slot_entries;     // [slots][2]: the slot's entries whose query lies in the chunk
+  const int64_t* slot_tiles;       // [slots + 1]: first work tile of each slot (exclusive scan), total last
+  int64_t work_tiles;              // blocks launched: a bound of the chunk's tiles known without a sync
+  float* partial_o;                // [chunk rows][Hq][n][Dv]: o of (row, head) over the block of slot n
+  float* partial_lse;              // [chunk rows][Hq][n]
 };
 
 // select_blocks reads q, k_cmp (as k, compressed-token rows) and lse through the attention params

@@ -17,7 +17,9 @@
 // bitwise-reproducible.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "common/selection.h"
 #include "cuda/baseline.h"
@@ -59,6 +61,14 @@ struct SelectedKeys {
   }
 };
 
+// Blocks of kBlock threads, one thread per item, for the index kernels below.
+constexpr int kBlock = 256;
+unsigned blocks_for(int64_t items) {
+  const int64_t blocks = (items + kBlock - 1) / kBlock;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "nsa: selection index too large for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
 // Entry e = (row * Hk + kv_head) * n + slot of the index tensor's rows (padded: b * TQ + i; packed:
 // the packed row, placed in its sequence by binary search over cu_seqlens_q).
 __global__ void reverse_entries_kernel(const SelectionAttentionParams p, int64_t rows, int64_t* entries) {
@@ -66,21 +76,9 @@ __global__ void reverse_entries_kernel(const SelectionAttentionParams p, int64_t
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * heads_k * n) return;
   const int64_t slot = e % n, kv_head = (e / n) % heads_k, row = e / (n * heads_k);
-  int64_t seq, query;
-  if (p.cu_seqlens_q == nullptr) {
-    seq = row / p.max_seqlen_q;
-    query = row % p.max_seqlen_q;
-  } else {
-    int64_t lo = 0, hi = p.num_seqs;  // the sequence whose rows [cu[b], cu[b+1]) hold `row`, or none
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (p.cu_seqlens_q[mid + 1] <= row) lo = mid + 1; else hi = mid;
-    }
-    seq = lo;
-    query = lo < p.num_seqs ? row - p.cu_seqlens_q[lo] : -1;
-  }
+  const auto [seq, query] = locate_index_row(p, row);
   int64_t entry = kNoEntry;
-  if (seq < p.num_seqs && query >= 0) {
+  if (seq < p.num_seqs) {
     const SeqSpan s = seq_span(p, seq);
     const SelectedBlocks& sel = p.selection;
     const int32_t* ids = sel.indices + sel.strides.offset(s.batch, s.q_row_begin + query, kv_head);
@@ -100,13 +98,8 @@ std::pair<at::Tensor, at::Tensor> build_reverse_index(SelectionAttentionParams& 
   TORCH_CHECK(slots < (int64_t(1) << 31), "nsa: too many (kv head, sequence, block) slots for the reverse index: ",
               slots);
   at::Tensor entries = at::empty({index_rows * p.num_heads_k * p.selection.count}, long_options);
-  constexpr int kBlock = 256;
-  const int64_t blocks = (entries.numel() + kBlock - 1) / kBlock;
-  if (blocks > 0) {
-    TORCH_CHECK(blocks < (int64_t(1) << 31), "nsa: selection index too large for one launch");
-    launch_kernel(reverse_entries_kernel, static_cast<unsigned>(blocks), kBlock, 0, p, index_rows,
-                  entries.data_ptr<int64_t>());
-  }
+  launch_kernel(reverse_entries_kernel, blocks_for(entries.numel()), kBlock, 0, p, index_rows,
+                entries.data_ptr<int64_t>());
   entries = std::get<0>(entries.sort());
   const at::Tensor firsts = at::arange(slots + 1, long_options) * (int64_t(1) << 32);  // reverse_entry(slot, 0)
   at::Tensor offsets = at::searchsorted(entries, firsts);
@@ -128,7 +121,8 @@ SelectionAttentionParams selection_params(const AttentionParams& params, const S
 int64_t tile_rows_for(const SelectionAttentionParams& p) {
   const char* env = std::getenv("NSA_SELECTION_TILE_POSITIONS");
   const int64_t wanted = env ? std::atoll(env) : 0;
-  return selection_tile_rows(p.num_heads_q / p.num_heads_k, p.selection.count, 64, tiled::kMaxTilePairs, wanted);
+  return selection_tile_rows(p.num_heads_q / p.num_heads_k, p.selection.count, tiled::kSelectionRows,
+                             tiled::kMaxTilePairs, wanted);
 }
 
 // Whether the tiled kernels can run: aligned rows, 32-bit key indices, a tile shape for n.
@@ -139,14 +133,141 @@ bool tiled_applies(const SelectionAttentionParams& p, bool backward) {
   return !backward || tiled::rows_aligned(p.dout, p.dout_strides);
 }
 
+// --- The forward by blocks --------------------------------------------------------------------------
+// For small groups the query tiles of the tiled forward visit the union of their positions' blocks,
+// and a warp's 16 rows pay for every block any of them chose. The forward by blocks instead runs one
+// tile per kSelectionRows rows of the queries that chose a block (the reverse index), so that every
+// mma row is used, and writes each (row, head, slot)'s partial result over its block; a combine kernel
+// then merges the n partials of a row in slot order (flash-decoding's combine: deterministic). The
+// partials take Hq * n * (Dv + 1) floats per index row, so the rows go in chunks under a memory budget.
+
+// Per slot (kv head, sequence, block): its entries whose query lies in the chunk, and its tile count.
+__global__ void chunk_slots_kernel(const SelectionAttentionParams p, int64_t* slot_entries, int64_t* slot_tile_count) {
+  const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (slot >= slots) return;
+  const SeqSpan s = seq_span(p, slot / p.blocks_per_seq % p.num_seqs);
+  const int64_t first_row = index_row(p, s, 0);
+  auto clamp_query = [&](int64_t row) {  // the sequence's query of an index row, clamped to [0, q_len]
+    return row < first_row ? 0 : (row - first_row < s.q_len ? row - first_row : s.q_len);
+  };
+  // First entry of the slot at or after `query` (entries ascend by query within a slot).
+  auto lower_bound = [&](int64_t query) {
+    const int64_t key = reverse_entry(slot, query);
+    int64_t lo = p.reverse_offsets[slot], hi = p.reverse_offsets[slot + 1];
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (p.reverse_entries[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  const int64_t begin = lower_bound(clamp_query(p.chunk_row_begin)), end = lower_bound(clamp_query(p.chunk_row_end));
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  slot_entries[2 * slot] = begin;
+  slot_entries[2 * slot + 1] = end;
+  slot_tile_count[slot] = ((end - begin) * group + tiled::kSelectionRows - 1) / tiled::kSelectionRows;
+}
+
+// o and lse of the chunk's rows from their partials: one warp per (index row, query head), slots in
+// index order. A row whose slots all fail first_counting_slot has o = 0, lse = -inf.
+template <typename Element, int kDv>
+__global__ void combine_partials_kernel(const SelectionAttentionParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t heads = p.num_heads_q, n = p.selection.count;
+  if (warp >= (p.chunk_row_end - p.chunk_row_begin) * heads) return;
+  const int64_t head = warp % heads, part_row = warp / heads;
+  const auto [seq, query] = locate_index_row(p, p.chunk_row_begin + part_row);
+  if (seq >= p.num_seqs) return;  // a packed row no sequence holds: no output, as in the other kernels
+  const SeqSpan s = seq_span(p, seq);
+  const SelectedBlocks& sel = p.selection;
+  const int32_t* ids = sel.indices + sel.strides.offset(s.batch, s.q_row_begin + query, head / (heads / p.num_heads_k));
+  const int64_t num_blocks = num_select_blocks(s.k_len, sel.block), position = s.query_offset + query;
+  auto counts = [&](int64_t k) { return first_counting_slot(ids, k, num_blocks, sel.block, position); };
+  const float* part_lse = p.partial_lse + (part_row * heads + head) * n;
+  const float* part_o = p.partial_o + (part_row * heads + head) * n * kDv;
+  float max_lse = -INFINITY;
+  for (int64_t k = 0; k < n; ++k)
+    if (counts(k)) max_lse = fmaxf(max_lse, part_lse[k]);
+  float sum = 0.f, acc[kDv / 32] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    if (!counts(k)) continue;
+    const float weight = expf(part_lse[k] - max_lse);
+    sum += weight;
+#pragma unroll
+    for (int i = 0; i < kDv / 32; ++i) acc[i] += weight * part_o[k * kDv + 32 * i + lane];
+  }
+  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  Element* o = static_cast<Element*>(p.o) + p.o_strides.offset(s.batch, s.q_row_begin + query, head);
+#pragma unroll
+  for (int i = 0; i < kDv / 32; ++i) o[32 * i + lane] = static_cast<Element>(acc[i] * inv_sum);
+  if (lane == 0)
+    static_cast<float*>(p.lse)[p.lse_strides.offset(s.batch, s.q_row_begin + query, head)] =
+        sum > 0.f ? max_lse + logf(sum) : -INFINITY;
+}
+
+// Index rows per chunk: the partials of a chunk fit in NSA_SELECTION_PARTIAL_BYTES (default 1 GiB).
+int64_t chunk_rows_for(const SelectionAttentionParams& p, int64_t index_rows) {
+  const char* env = std::getenv("NSA_SELECTION_PARTIAL_BYTES");
+  const int64_t budget = env ? std::atoll(env) : (int64_t(1) << 30);
+  const int64_t row_bytes = p.num_heads_q * p.selection.count * (p.head_dim_v + 1) * int64_t(sizeof(float));
+  const int64_t rows = budget / row_bytes;
+  return rows < 1 ? 1 : (rows < index_rows ? rows : index_rows);
+}
+
+// Whether the forward goes by blocks: NSA_SELECTION_FORWARD=blocks (tiles, the default, otherwise),
+// until a GPU has measured where each is faster.
+bool forward_by_blocks() {
+  const char* env = std::getenv("NSA_SELECTION_FORWARD");
+  return env != nullptr && std::string(env) == "blocks";
+}
+
+template <typename Element, int kDqk, int kDv>
+void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q, int64_t index_rows) {
+  static_assert(kDv % 32 == 0, "the combine kernel's lanes split Dv");
+  const auto index = build_reverse_index(p, q.options(), index_rows);
+  const auto float_options = q.options().dtype(at::kFloat);
+  const auto long_options = q.options().dtype(at::kLong);
+  const int64_t heads = p.num_heads_q, n = p.selection.count, group = heads / p.num_heads_k;
+  const int64_t chunk = chunk_rows_for(p, index_rows);
+  const at::Tensor partial_o = at::empty({chunk, heads, n, p.head_dim_v}, float_options);
+  const at::Tensor partial_lse = at::empty({chunk, heads, n}, float_options);
+  const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+  const at::Tensor slot_entries = at::empty({slots, 2}, long_options);
+  const at::Tensor slot_tile_count = at::empty({slots}, long_options);
+  at::Tensor slot_tiles = at::zeros({slots + 1}, long_options);
+  p.partial_o = partial_o.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  p.slot_entries = slot_entries.data_ptr<int64_t>();
+  p.slot_tiles = slot_tiles.data_ptr<int64_t>();
+  at::Tensor scan = slot_tiles.narrow(0, 1, slots);
+  for (int64_t row = 0; row < index_rows; row += chunk) {
+    p.chunk_row_begin = row;
+    p.chunk_row_end = row + chunk < index_rows ? row + chunk : index_rows;
+    launch_kernel(chunk_slots_kernel, blocks_for(slots), kBlock, 0, p, slot_entries.data_ptr<int64_t>(),
+                  slot_tile_count.data_ptr<int64_t>());
+    at::cumsum_out(scan, slot_tile_count, 0);
+    // At most n entries per (index row, kv head); a slot's tiles round its rows up once.
+    const int64_t entries = (p.chunk_row_end - p.chunk_row_begin) * p.num_heads_k * n;
+    p.work_tiles = (entries * group + tiled::kSelectionRows - 1) / tiled::kSelectionRows + std::min(slots, entries);
+    tiled::run_selection_fwd<Element, kDqk, kDv>(p);
+    const int64_t warps = (p.chunk_row_end - p.chunk_row_begin) * heads;
+    launch_kernel(combine_partials_kernel<Element, kDv>, blocks_for(warps * 32), kBlock, 0, p);
+  }
+}
+
 }  // namespace
 
 void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedBlocks& selection,
-                                  at::ScalarType dtype) {
+                                  at::ScalarType dtype, const at::Tensor& q) {
   SelectionAttentionParams p = selection_params(params, selection);
   p.tile_rows = tile_rows_for(p);
-  if (tiled_applies(p, false) &&
-      tiled::dispatch_dtype(dtype, p, [&]<typename E, int kDqk, int kDv>() { tiled::run_selection_fwd<E, kDqk, kDv>(p); }))
+  if (tiled_applies(p, false) && tiled::dispatch_dtype(dtype, p, [&]<typename E, int kDqk, int kDv>() {
+        if (forward_by_blocks())
+          run_forward_by_blocks<E, kDqk, kDv>(p, q, p.cu_seqlens_q ? q.size(0) : q.size(0) * q.size(1));
+        else
+          tiled::run_selection_fwd<E, kDqk, kDv>(p);
+      }))
     return;
   baseline::run_fwd<SelectedKeys>(p, dtype);
 }

@@ -25,7 +25,7 @@ struct RowKeys {
 };
 
 template <int kBlockN>
-struct DenseSchedule {
+struct DenseSchedule : StackedTiles {
   using Params = AttentionParams;
   using BwdParams = AttentionBwdParams;
   static constexpr int kSmemBytes = 0;
@@ -38,8 +38,6 @@ struct DenseSchedule {
   KeyTiles keys;
   int64_t k_len;
   RowKeys my_keys[2];  // this thread's accumulator rows g and g + 8 of the warp's slab
-
-  __device__ static int64_t tile_rows(const AttentionParams&, int rows) { return rows; }
 
   __device__ DenseSchedule(const AttentionParams& p, const QueryTile& qt, void*, void*, int warp, int lane)
       : k_len(qt.span.k_len) {

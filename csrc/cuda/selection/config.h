@@ -11,9 +11,16 @@
 // per block), and a warp skips blocks none of its 16 rows chose. Adjacent queries share the forced
 // blocks (first, local) and mostly the top-scored ones, so the union is a small multiple of n while
 // every K/V block loaded serves up to 64 rows. The cost is the masked rows of blocks only some
-// positions chose; bench.py reports the kernel time with NSA_SELECTION_TILE_POSITIONS set to cap the
-// positions per tile, which measures that trade-off per G (the alternative, one block outermost
-// gathering the queries that chose it, is what the dk/dv kernel does through the reverse index).
+// positions chose, which grows with T when neighbouring positions choose differently (random picks at
+// T = 64k: a 16-row warp at G = 1 visits ~12x the blocks its rows need). bench.py's --tile-positions
+// (NSA_SELECTION_TILE_POSITIONS) caps the positions per tile to measure the packing.
+//
+// The alternative, FSA's design, is the forward by blocks (NSA_SELECTION_FORWARD=blocks,
+// SelectionBlockSchedule, selection_attention.cu): one block outermost, gathering the queries that
+// chose it through the reverse index (as the dk/dv kernel does), so every mma row is used, for the
+// price of the index (a sort) and of Dv + 1 floats written and read back per (row, slot). Which is
+// faster per G and T is for a GPU to measure (scripts/gpu_check.sh times both); until then tiles stay
+// the default.
 //
 // The dk/dv kernel reuses the dense family's Dkv tiles (64 keys, query tile kBlockM, column slices):
 // a block of 32 keys leaves warps 2-3 idle rather than paying a second instantiation.
@@ -27,6 +34,9 @@ namespace tiled {
 // (id, position) pairs a forward / dq tile sorts: positions * n <= kMaxTilePairs (the sort buffer
 // borrows the K/V stages, 8 bytes per pair).
 constexpr int kMaxTilePairs = 1024;
+
+// Stacked query rows per forward / dq tile (4 warps); the host sizes tiles by it.
+constexpr int kSelectionRows = 64;
 
 template <typename Element, int kHeadDimQK, int kHeadDimV>
 struct SelectionConfig {

@@ -93,7 +93,7 @@ __device__ int build_tile_blocks(const SelectionAttentionParams& p, const QueryT
 }
 
 template <int kBlockN, int kThreads>
-struct SelectionSchedule {
+struct SelectionSchedule : StackedTiles {
   using Params = SelectionAttentionParams;
   using BwdParams = SelectionAttentionParams;
   // Own shared memory after the kernel's tiles: the union's ids and position masks, and its size.
@@ -117,7 +117,7 @@ struct SelectionSchedule {
   int bit[2];          // this thread's rows g and g + 8: position within the tile
   int position[2];     // and absolute position (-1: past the tile's rows, sees nothing)
 
-  __device__ static int64_t tile_rows(const SelectionAttentionParams& p, int) { return p.tile_rows; }
+  __device__ static QueryTile tile(const SelectionAttentionParams& p, int) { return query_tile(p, p.tile_rows); }
 
   __device__ SelectionSchedule(const SelectionAttentionParams& p, const QueryTile& qt, void* scratch, void* own,
                                int warp, int lane)
@@ -153,6 +153,85 @@ struct SelectionSchedule {
   __device__ bool needs_mask(const Step&) const { return true; }
   __device__ bool visible(const Step& at, int h, int key) const {
     return ((at.choosers >> bit[h]) & 1) != 0 && key <= position[h] && key < at.key_limit;
+  }
+};
+
+// The forward by blocks (small groups; cuda/selection_attention.cu runs it chunk by chunk): block
+// x of the launch is work tile x of the chunk, a tile of kRows rows of one reverse-index slot (kv
+// head, sequence, select block): its entries in the chunk (the queries that chose the block, ascending)
+// times their G heads, found by binary search over slot_tiles. It visits that block's keys only and
+// writes every row's partial result (o normalised over the block, and its lse) for the combine
+// kernel. Every row of every tile chose the block, so no mma row pays for a block it did not choose.
+template <int kBlockN>
+struct SelectionBlockSchedule {
+  using Params = SelectionAttentionParams;
+  template <typename Element>
+  using OutElement = float;
+  static constexpr int kSmemBytes = 0;
+  struct Step {
+    int key0;
+    int key_limit;
+  };
+
+  int block_id;
+  int key0, key_limit, subtiles;
+  int warp_last;    // position of the warp's last row (entries ascend): -1 when the warp has no rows
+  int position[2];  // this thread's rows g and g + 8 (-1: past the tile's rows, sees nothing)
+
+  __device__ static QueryTile tile(const SelectionAttentionParams& p, int rows) {
+    QueryTile qt{};
+    const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+    const int64_t x = blockIdx.x;
+    if (x >= p.slot_tiles[slots]) return qt;  // the launch's bound exceeds the chunk's tiles
+    int64_t lo = 0, hi = slots;  // the last slot whose first tile is <= x
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (p.slot_tiles[mid] <= x) lo = mid; else hi = mid;
+    }
+    qt.group = p.num_heads_q / p.num_heads_k;
+    qt.kv_head = lo / (p.num_seqs * p.blocks_per_seq);
+    qt.span = seq_span(p, lo / p.blocks_per_seq % p.num_seqs);
+    const int64_t first = p.slot_entries[2 * lo], entries = p.slot_entries[2 * lo + 1] - first;
+    qt.entries = p.reverse_entries + first;
+    qt.row_begin = (x - p.slot_tiles[lo]) * rows;
+    qt.row_end = qt.row_begin + rows < entries * qt.group ? qt.row_begin + rows : entries * qt.group;
+    return qt;
+  }
+
+  __device__ SelectionBlockSchedule(const SelectionAttentionParams& p, const QueryTile& qt, void*, void*, int warp,
+                                    int lane) {
+    const int64_t block = p.selection.block;
+    block_id = static_cast<int>(entry_slot(qt.entries[0]) % p.blocks_per_seq);
+    key0 = static_cast<int>(block_id * block);
+    key_limit = static_cast<int>(key0 + block < qt.span.k_len ? key0 + block : qt.span.k_len);
+    subtiles = (key_limit - key0 + kBlockN - 1) / kBlockN;
+    const int64_t warp_row = qt.row_begin + warp * 16;
+    const int64_t warp_end = warp_row + 16 < qt.row_end ? warp_row + 16 : qt.row_end;
+    warp_last = warp_row < warp_end ? static_cast<int>(qt.span.query_offset + qt.query(warp_end - 1).query) : -1;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = warp_row + mma::group_id(lane) + 8 * h;
+      position[h] = row < qt.row_end ? static_cast<int>(qt.span.query_offset + qt.query(row).query) : -1;
+    }
+  }
+  __device__ int64_t steps() const { return subtiles; }
+  __device__ Step at(int64_t step) const { return {key0 + static_cast<int>(step) * kBlockN, key_limit}; }
+  // The warp has rows, and the tile is not wholly in the future of its last (latest) one.
+  __device__ bool warp_active(const Step& at) const { return at.key0 <= warp_last; }
+  __device__ bool needs_mask(const Step&) const { return true; }
+  __device__ bool visible(const Step& at, int h, int key) const { return key <= position[h] && key < at.key_limit; }
+
+  // The row's partial output: slot k of its index row is the first that holds this block (the one
+  // that counts, first_counting_slot; the reverse index has an entry only for it).
+  template <typename Out>
+  __device__ OutputRow<Out> output(const SelectionAttentionParams& p, const QueryTile& qt, int64_t row) const {
+    const QueryHead qh = qt.query(row);
+    const SelectedBlocks& sel = p.selection;
+    const int32_t* ids = sel.indices + sel.strides.offset(qt.span.batch, qt.span.q_row_begin + qh.query, qt.kv_head);
+    int64_t k = 0;
+    while (k + 1 < sel.count && ids[k] != block_id) ++k;
+    const int64_t part_row = index_row(p, qt.span, qh.query) - p.chunk_row_begin;
+    const int64_t part = (part_row * p.num_heads_q + qh.head) * sel.count + k;
+    return {p.partial_o + part * p.head_dim_v, p.partial_lse + part};
   }
 };
 
@@ -196,8 +275,16 @@ struct SelectionKeyBlock {
   }
 };
 
+// The forward: by query tiles, or, when p.partial_o is set, by blocks over p.work_tiles blocks (an
+// upper bound of the chunk's tiles; the surplus exits at once).
 template <typename Kt>
 void launch_selection_fwd(const SelectionAttentionParams& p) {
+  static_assert(Kt::kRows == kSelectionRows, "the host sizes tiles by kSelectionRows");
+  if (p.partial_o != nullptr) {
+    launch_kernel(fwd_kernel<Kt, SelectionBlockSchedule<Kt::kBlockN>>, checked_grid(p.work_tiles, 1), Kt::kThreads,
+                  Kt::kFwdSmem, p);
+    return;
+  }
   using Schedule = SelectionSchedule<Kt::kBlockN, Kt::kThreads>;
   static_assert(2 * Kt::kBlockN * Kt::kStrideQK * Kt::kElem >= kMaxTilePairs * 8, "pair buffer exceeds K stages");
   constexpr int kSmem = Kt::kFwdSmem + Schedule::kSmemBytes;

@@ -98,9 +98,7 @@ __global__ void __launch_bounds__(SelectTile<Element, kHeadDim>::kThreads)
   for (int h = 0; h < 2; ++h) {
     const int64_t row = qt.row_begin + warp * 16 + g + 8 * h;
     const bool valid = row < qt.row_end;
-    my_lse[h] = valid ? lse_log2_of(static_cast<const float*>(p.lse)[stacked_offset(p.lse_strides, s, row, group,
-                                                                                     qt.kv_head)])
-                      : INFINITY;
+    my_lse[h] = valid ? lse_log2_of(static_cast<const float*>(p.lse)[qt.offset(p.lse_strides, row)]) : INFINITY;
     my_end[h] = valid ? static_cast<int>(mask.keys_for(s.query_offset + row / group, s.k_len).end) : 0;
   }
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
@@ -132,8 +130,7 @@ __global__ void __launch_bounds__(SelectTile<Element, kHeadDim>::kThreads)
       load_key_rows<kN, kHeadDim, kS, kThreads, Element>(sK + stage * kN * kS, p.k, p.k_strides, s, step * kN,
                                                           token_end, qt.kv_head);
     };
-    load_stacked_rows<kM, kHeadDim, kS, kThreads, Element>(sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, group,
-                                                           qt.kv_head);
+    load_query_rows<kM, kHeadDim, kS, kThreads, Element>(sQ, p.q, p.q_strides, qt);
     load_step(0, 0);
     cp_async_commit();
     for (int64_t step = 0; step < steps; ++step) {

@@ -18,6 +18,8 @@
 //
 // Schedule (fwd, dq), built per block after the query tile is known:
 //   Schedule::Params, BwdParams   the forward's and the backward's parameter structs.
+//   Schedule::tile(p, rows)    the block's QueryTile; OutElement<Element> and output<Out>(p, qt, row): where
+//                              the forward writes a row (StackedTiles: stacked rows, o and lse in place).
 //   Schedule(p, qt, scratch, own, warp, lane)  may use `scratch` (the K/V stages, free until the first
 //                              load) and Schedule::kSmemBytes of its own after the kernel's tiles; it
 //                              must be called by every thread (it may synchronise the block).
@@ -33,6 +35,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "common/selection.h"
 #include "cuda/runtime.h"
 #include "cuda/tile/device_utils.h"
 #include "cuda/tile/traits.h"
@@ -44,13 +47,36 @@ namespace tiled {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// One tile of stacked query rows of one sequence and kv head.
+struct QueryHead {
+  int64_t query;  // query row of the sequence
+  int64_t head;
+};
+
+// Element offset of (query row `row` of the sequence, head) in a [.., Hq, D] tensor or [.., Hq] (lse).
+__device__ __forceinline__ int64_t query_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t head) {
+  return st.offset(s.batch, s.q_row_begin + row, head);
+}
+
+// One tile of query rows of one sequence and kv head, G heads per query: row r is head
+// kv_head * G + r % G of query r / G of the sequence (stacked rows), or, when `entries` is set, of the
+// query of entries[r / G] (reverse-index entries, common/selection.h: the queries that chose a block).
 struct QueryTile {
   SeqSpan span;
   int64_t group;
   int64_t kv_head;
-  int64_t row_begin;  // stacked rows [row_begin, row_end), row_end clamped to the sequence
+  int64_t row_begin;  // rows [row_begin, row_end), row_end clamped to the sequence (or the entries)
   int64_t row_end;
+  const int64_t* entries = nullptr;
+
+  __device__ QueryHead query(int64_t row) const {
+    const int64_t q = row / group;
+    return {entries ? entry_query(entries[q]) : q, kv_head * group + row % group};
+  }
+  // Element offset of row `row` in a [.., Hq, D] tensor (q, o, dout, dq) or [.., Hq] (lse).
+  __device__ int64_t offset(const Strides& st, int64_t row) const {
+    const QueryHead qh = query(row);
+    return query_offset(st, span, qh.query, qh.head);
+  }
 };
 
 // blockIdx.x = sequence * tiles_per_seq + tile; tiles run in reverse so that the tiles with the most
@@ -70,17 +96,6 @@ __device__ __forceinline__ QueryTile query_tile(const Params& p, int64_t rows_pe
   return qt;
 }
 
-// Element offset of (query row `row` of the sequence, head) in a [.., Hq, D] tensor or [.., Hq] (lse).
-__device__ __forceinline__ int64_t query_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t head) {
-  return st.offset(s.batch, s.q_row_begin + row, head);
-}
-
-// Element offset of stacked row `row` in a [.., Hq, D] tensor (q, o, dout, dq) or [.., Hq] (lse).
-__device__ __forceinline__ int64_t stacked_offset(const Strides& st, const SeqSpan& s, int64_t row, int64_t group,
-                                                  int64_t kv_head) {
-  return query_offset(st, s, row / group, kv_head * group + row % group);
-}
-
 __device__ __forceinline__ int64_t key_offset(const Strides& st, const SeqSpan& s, int64_t key, int64_t kv_head) {
   return st.offset(s.batch, s.k_row_begin + key, kv_head);
 }
@@ -95,15 +110,14 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* any_vali
   else load_tile_async<kRows, kCols, kStride, kThreads>(smem, any_valid, row_ptr);
 }
 
-// [kRows, kDim] tile of stacked query rows [row0, row0 + kRows) of a [.., Hq, D] tensor (q, dout) into
-// shared memory; rows at or past row_end are zero-filled.
+// [kRows, kDim] tile of the query tile's rows [row_begin, row_begin + kRows) of a [.., Hq, D] tensor
+// (q, dout) into shared memory; rows at or past row_end are zero-filled.
 template <int kRows, int kDim, int kStride, int kThreads, typename Element>
-__device__ __forceinline__ void load_stacked_rows(Element* smem, const void* base, const Strides& st,
-                                                  const SeqSpan& s, int64_t row0, int64_t row_end, int64_t group,
-                                                  int64_t kv_head) {
+__device__ __forceinline__ void load_query_rows(Element* smem, const void* base, const Strides& st,
+                                                const QueryTile& qt) {
   const Element* t = static_cast<const Element*>(base);
   load_tile<kRows, kDim, kStride, kThreads>(smem, t, [&](int r) -> const Element* {
-    return row0 + r < row_end ? t + stacked_offset(st, s, row0 + r, group, kv_head) : nullptr;
+    return qt.row_begin + r < qt.row_end ? t + qt.offset(st, qt.row_begin + r) : nullptr;
   });
 }
 
@@ -117,6 +131,29 @@ __device__ __forceinline__ void load_key_rows(Element* smem, const void* base, c
     return key0 + r < key_limit ? t + key_offset(st, s, key0 + r, kv_head) : nullptr;
   });
 }
+
+// Where the forward writes a row: its Dv outputs (contiguous) and its lse.
+template <typename Out>
+struct OutputRow {
+  Out* o;
+  float* lse;
+};
+
+// The default query tiles of the forward and dq kernels: stacked rows of one sequence (query_tile),
+// written in place to o and lse. Schedules derive from it and override what differs.
+struct StackedTiles {
+  template <typename Element>
+  using OutElement = Element;
+  template <typename Params>
+  __device__ static QueryTile tile(const Params& p, int rows) {
+    return query_tile(p, rows);
+  }
+  template <typename Out, typename Params>
+  __device__ OutputRow<Out> output(const Params& p, const QueryTile& qt, int64_t row) const {
+    return {static_cast<Out*>(p.o) + qt.offset(p.o_strides, row),
+            static_cast<float*>(p.lse) + qt.offset(p.lse_strides, row)};
+  }
+};
 
 // How the forward and dq kernels multiply (their TileMma parameter). Both leave a warp's 16-row
 // results in the mma.m16n8k16 accumulator layout, so everything between the products is shared.
@@ -326,7 +363,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
   Element* sK = sQ + kM * kSqk;                          // [kStages][kN][kSqk]
   Element* sV = sK + kStages * kN * kSqk;                // [kStages][kN][kSv]
 
-  const QueryTile qt = query_tile(p, Schedule::tile_rows(p, kM));
+  const QueryTile qt = Schedule::tile(p, kM);
   if (qt.row_begin >= qt.row_end) return;
   const SeqSpan& s = qt.span;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -345,8 +382,7 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
       const auto at = sched.at(step);
       load_kv_stage<Kt, TileMma>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
     };
-    load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
-        sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
+    load_query_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(sQ, p.q, p.q_strides, qt);
     load_step(0, 0);
     cp_async_commit();
 
@@ -402,18 +438,17 @@ __global__ void __launch_bounds__(Kt::kThreads) fwd_kernel(const typename Schedu
     inv_sum[h] = seen ? 1.f / total : 0.f;
     lse[h] = seen ? (row_max[h] + log2f(total)) * kLn2 : -INFINITY;
   }
-  Element* o = static_cast<Element*>(p.o);
-  store_rows<Element, kDv>(acc_o, inv_sum[0], inv_sum[1], lane, [&](int r) -> Element* {
+  using Out = typename Schedule::template OutElement<Element>;
+  store_rows<Out, kDv>(acc_o, inv_sum[0], inv_sum[1], lane, [&](int r) -> Out* {
     const int64_t row = qt.row_begin + warp * 16 + r;
-    return row < qt.row_end ? o + stacked_offset(p.o_strides, s, row, qt.group, qt.kv_head) : nullptr;
+    return row < qt.row_end ? sched.template output<Out>(p, qt, row).o : nullptr;
   });
   if (t == 0) {
     const int g = mma::group_id(lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t row = qt.row_begin + warp * 16 + g + 8 * h;
-      if (row < qt.row_end)
-        static_cast<float*>(p.lse)[stacked_offset(p.lse_strides, s, row, qt.group, qt.kv_head)] = lse[h];
+      if (row < qt.row_end) *sched.template output<Out>(p, qt, row).lse = lse[h];
     }
   }
 }
@@ -461,7 +496,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   Element* sK = sdO + kM * kSv;                          // [2 stages][kN][kSqk]
   Element* sV = sK + 2 * kN * kSqk;                      // [2 stages][kN][kSv]
 
-  const QueryTile qt = query_tile(p, Schedule::tile_rows(p, kM));
+  const QueryTile qt = Schedule::tile(p, kM);
   if (qt.row_begin >= qt.row_end) return;
   const SeqSpan& s = qt.span;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -476,7 +511,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   for (int h = 0; h < 2; ++h) {
     const int64_t row = qt.row_begin + warp * 16 + g + 8 * h;
     const bool valid = row < qt.row_end;
-    const int64_t off = valid ? stacked_offset(p.lse_strides, s, row, qt.group, qt.kv_head) : 0;
+    const int64_t off = valid ? qt.offset(p.lse_strides, row) : 0;
     my_lse[h] = valid ? lse_log2_of(static_cast<const float*>(p.lse)[off]) : INFINITY;
     my_delta[h] = valid ? p.softmax_delta[off] : 0.f;
   }
@@ -486,10 +521,8 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
     load_kv_stage<Kt, TileMma>(sK, sV, p, s, qt.kv_head, at.key0, at.key_limit, stage);
   };
 
-  load_stacked_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(
-      sQ, p.q, p.q_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
-  load_stacked_rows<kM, kDv, TileMma::template kLoadStride<kDv>, kThreads, Element>(
-      sdO, p.dout, p.dout_strides, s, qt.row_begin, qt.row_end, qt.group, qt.kv_head);
+  load_query_rows<kM, kDqk, TileMma::template kLoadStride<kDqk>, kThreads, Element>(sQ, p.q, p.q_strides, qt);
+  load_query_rows<kM, kDv, TileMma::template kLoadStride<kDv>, kThreads, Element>(sdO, p.dout, p.dout_strides, qt);
   load_step(0, 0);
   cp_async_commit();
 
@@ -529,7 +562,7 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
   const float scale = static_cast<float>(p.scale);
   store_rows<Element, kDqk>(acc_dq, scale, scale, lane, [&](int r) -> Element* {
     const int64_t row = qt.row_begin + warp * 16 + r;
-    return row < qt.row_end ? dq + stacked_offset(p.dq_strides, s, row, qt.group, qt.kv_head) : nullptr;
+    return row < qt.row_end ? dq + qt.offset(p.dq_strides, row) : nullptr;
   });
 }
 
@@ -542,11 +575,6 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
 //   keys_of(query)             keys [begin, end) that query sees (the mask of boundary tiles).
 //   boundary(r0, r1)           whether query rows [r0, r1) need the mask at all.
 //   warp_active(warp)          false when the warp's 16 keys all lie past the block's keys (warp-uniform).
-struct QueryHead {
-  int64_t query;
-  int64_t head;
-};
-
 template <typename Kt, typename KeyBlock>
 __global__ void __launch_bounds__(Kt::kThreads) dkv_kernel(const typename KeyBlock::Params p) {
   using Element = typename Kt::Element;

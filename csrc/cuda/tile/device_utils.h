@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/mma_layout.h"
 #include "cuda/runtime.h"
@@ -212,8 +213,8 @@ __device__ __forceinline__ void zero(float (&acc)[kN][4]) {
   for (int i = 0; i < kN; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 }
 
-// Stores a warp's 16 x kN f32 accumulators (times `factor`) as 16-bit rows: row_ptr(r) gives the
-// destination of accumulator row r (0..15), nullptr for rows past the end.
+// Stores a warp's 16 x kN f32 accumulators (times `factor`) as rows of Element (16-bit, or float):
+// row_ptr(r) gives the destination of accumulator row r (0..15), nullptr for rows past the end.
 template <typename Element, int kN, typename RowPtr>
 __device__ __forceinline__ void store_rows(const float (&acc)[kN / 8][4], float factor_lo, float factor_hi,
                                            int lane, RowPtr row_ptr) {
@@ -223,8 +224,13 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kN / 8][4], float 
 #pragma unroll
   for (int nb = 0; nb < kN / 8; ++nb) {
     const int col = nb * 8 + 2 * t;
-    if (lo) *reinterpret_cast<uint32_t*>(lo + col) = Mma<Element>::pack(acc[nb][0] * factor_lo, acc[nb][1] * factor_lo);
-    if (hi) *reinterpret_cast<uint32_t*>(hi + col) = Mma<Element>::pack(acc[nb][2] * factor_hi, acc[nb][3] * factor_hi);
+    if constexpr (std::is_same_v<Element, float>) {
+      if (lo) *reinterpret_cast<float2*>(lo + col) = make_float2(acc[nb][0] * factor_lo, acc[nb][1] * factor_lo);
+      if (hi) *reinterpret_cast<float2*>(hi + col) = make_float2(acc[nb][2] * factor_hi, acc[nb][3] * factor_hi);
+    } else {
+      if (lo) *reinterpret_cast<uint32_t*>(lo + col) = Mma<Element>::pack(acc[nb][0] * factor_lo, acc[nb][1] * factor_lo);
+      if (hi) *reinterpret_cast<uint32_t*>(hi + col) = Mma<Element>::pack(acc[nb][2] * factor_hi, acc[nb][3] * factor_hi);
+    }
   }
 }
 
