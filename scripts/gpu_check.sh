@@ -96,7 +96,7 @@ else
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"
     step tests-cpu 300 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
-      --ignore tests/test_cuda_racecheck.py
+      --ignore tests/test_cuda_racecheck.py --ignore tests/test_cuda_memcheck.py
   fi
 
   # --- 3. compute-sanitizer ----------------------------------------------------------------------
@@ -132,7 +132,7 @@ else
     # The CPU emulation of the CUDA kernels (~15 CPU minutes, and its race check) adds nothing where
     # they run for real (compute-sanitizer's racecheck ran above).
     step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
-      --ignore tests/test_cuda_racecheck.py
+      --ignore tests/test_cuda_racecheck.py --ignore tests/test_cuda_memcheck.py
     step bench 120 "$python" -m nsa_ext.bench --device cuda
     # Selected-block attention's forward per group size: query tiles (64 / G positions packed, over the
     # union of their blocks) vs by blocks (the queries that chose a block, partial outputs combined):
