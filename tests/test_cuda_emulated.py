@@ -9,7 +9,6 @@ no GPU is. All tiled head dims are built, as in the normal build. The child take
 
 The tests at the bottom run inside that child only."""
 
-import contextlib
 import os
 import re
 import subprocess
@@ -43,12 +42,18 @@ CHILD_TESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def emulated_site():
-    build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True,
-                           env={**os.environ, "PYTHON": sys.executable}, cwd=ROOT)
+def build_emulation(**env) -> str:
+    """Runs scripts/emulate.sh with `env` added (NSA_EMULATE_SANITIZE, NSA_CUDA_HEAD_DIMS) and returns
+    the site folder it installed the emulation build into."""
+    build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHON": sys.executable, **env})
     assert build.returncode == 0, build.stderr[-5000:]
     return build.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def emulated_site():
+    return build_emulation()
 
 
 @pytest.mark.skipif(EMULATED_CUDA, reason="runs the child")
@@ -95,23 +100,11 @@ def _layer_and_decoding(dtype, head_dim):
     b, idx = batch_and_indices([0, 1, 70, 33], [0, 1, 90, 33], 8, 2, head_dim, head_dim, 16, 5, True, gen)
     b = b.to(dtype, GPU)
     budget = 40 * 8 * 5 * (head_dim + 1) * 4  # 40 rows of Hq = 8, n = 5
-    with _environment(NSA_SELECTION_FORWARD="blocks", NSA_SELECTION_PARTIAL_BYTES=str(budget)):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NSA_SELECTION_FORWARD", "blocks")
+        env.setenv("NSA_SELECTION_PARTIAL_BYTES", str(budget))
         by_blocks = nsa_ext.selection_attention(b.q, b.k, b.v, idx, select_block=16, **b.seqlens)
     return [out, *grads, decoded, indices, selected, *selected_grads, *by_blocks]
-
-
-@contextlib.contextmanager
-def _environment(**values):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 @child_only

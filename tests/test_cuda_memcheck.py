@@ -8,13 +8,13 @@ chunks, rows past the live cache length. It must pass and print no sanitizer rep
 offset one row too far in the forward by blocks is reported as a heap-buffer-overflow in store_rows).
 About 6 minutes on 2 cores, build included."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from test_cuda_emulated import build_emulation
 from test_sanitizers import REPORTS, _runtime, sanitizer_env
 from utils import EMULATED_CUDA
 
@@ -45,11 +45,7 @@ def memcheck_site():
         pytest.skip("runs its own child")
     if _runtime("libasan.so") is None or _runtime("libstdc++.so") is None:
         pytest.skip("gcc has no libasan.so or libstdc++.so (install the gcc sanitizer runtimes)")
-    build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHON": sys.executable, "NSA_EMULATE_SANITIZE": "1",
-                                "NSA_CUDA_HEAD_DIMS": "64;128"})
-    assert build.returncode == 0, build.stderr[-5000:]
-    return build.stdout.strip().splitlines()[-1]
+    return build_emulation(NSA_EMULATE_SANITIZE="1", NSA_CUDA_HEAD_DIMS="64;128")
 
 
 def test_emulated_kernels_are_instrumented(memcheck_site):

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cuda_emulated import _layer_and_decoding
+from test_cuda_emulated import _layer_and_decoding, build_emulation
 from test_sanitizers import _runtime
 from utils import EMULATED_CUDA
 
@@ -55,11 +55,7 @@ def racecheck_env():
     runtime = _runtime("libtsan.so")
     if runtime is None:
         pytest.skip("gcc has no libtsan.so (install the gcc sanitizer runtimes)")
-    build = subprocess.run([str(ROOT / "scripts" / "emulate.sh")], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHON": sys.executable, "NSA_EMULATE_SANITIZE": "thread",
-                                "NSA_CUDA_HEAD_DIMS": "64;128"})
-    assert build.returncode == 0, build.stderr[-5000:]
-    site = build.stdout.strip().splitlines()[-1]
+    site = build_emulation(NSA_EMULATE_SANITIZE="thread", NSA_CUDA_HEAD_DIMS="64;128")
     return dict(os.environ, LD_PRELOAD=runtime, NSA_TEST_EMULATED_CUDA="1", OMP_NUM_THREADS="1",
                 # Every report, even of an address or stack already reported (the self-tests reuse both).
                 TSAN_OPTIONS="exitcode=0 suppress_equal_addresses=0 suppress_equal_stacks=0 allow_addr2line=1",

@@ -193,6 +193,9 @@ struct SelectionAttentionParams : AttentionBwdParams {
   int64_t work_tiles;              // blocks launched: a bound of the chunk's tiles known without a sync
   float* partial_o;                // [chunk rows][Hq][n][Dv]: o of (row, head) over the block of slot n
   float* partial_lse;              // [chunk rows][Hq][n]
+
+  // Reverse-index slots (kv head, sequence, block), reverse_slot's range.
+  NSA_HOST_DEVICE int64_t reverse_slots() const { return num_heads_k * num_seqs * blocks_per_seq; }
 };
 
 // select_blocks reads q, k_cmp (as k, compressed-token rows) and lse through the attention params

@@ -89,11 +89,16 @@ __global__ void reverse_entries_kernel(const SelectionAttentionParams p, int64_t
   entries[e] = entry;
 }
 
+// Rows of the index tensor: packed total_q, padded B * TQ (index_row).
+int64_t index_rows_of(const SelectionAttentionParams& p, const at::Tensor& q) {
+  return p.cu_seqlens_q ? q.size(0) : q.size(0) * q.size(1);
+}
+
 // The reverse index of p (see the top of the file); the tensors stay alive with the returned pair.
 std::pair<at::Tensor, at::Tensor> build_reverse_index(SelectionAttentionParams& p, const at::TensorOptions& options,
                                                       int64_t index_rows) {
   const auto long_options = options.dtype(at::kLong);
-  const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+  const int64_t slots = p.reverse_slots();
   // reverse_entry packs a slot into the upper 32 bits (queries fit 32 bits: q rows are checked).
   TORCH_CHECK(slots < (int64_t(1) << 31), "nsa: too many (kv head, sequence, block) slots for the reverse index: ",
               slots);
@@ -143,7 +148,7 @@ bool tiled_applies(const SelectionAttentionParams& p, bool backward) {
 
 // Per slot (kv head, sequence, block): its entries whose query lies in the chunk, and its tile count.
 __global__ void chunk_slots_kernel(const SelectionAttentionParams p, int64_t* slot_entries, int64_t* slot_tile_count) {
-  const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+  const int64_t slots = p.reverse_slots();
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (slot >= slots) return;
   const SeqSpan s = seq_span(p, slot / p.blocks_per_seq % p.num_seqs);
@@ -223,8 +228,9 @@ bool forward_by_blocks() {
 }
 
 template <typename Element, int kDqk, int kDv>
-void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q, int64_t index_rows) {
+void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q) {
   static_assert(kDv % 32 == 0, "the combine kernel's lanes split Dv");
+  const int64_t index_rows = index_rows_of(p, q);
   const auto index = build_reverse_index(p, q.options(), index_rows);
   const auto float_options = q.options().dtype(at::kFloat);
   const auto long_options = q.options().dtype(at::kLong);
@@ -232,7 +238,7 @@ void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q, int6
   const int64_t chunk = chunk_rows_for(p, index_rows);
   const at::Tensor partial_o = at::empty({chunk, heads, n, p.head_dim_v}, float_options);
   const at::Tensor partial_lse = at::empty({chunk, heads, n}, float_options);
-  const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+  const int64_t slots = p.reverse_slots();
   const at::Tensor slot_entries = at::empty({slots, 2}, long_options);
   const at::Tensor slot_tile_count = at::empty({slots}, long_options);
   at::Tensor slot_tiles = at::zeros({slots + 1}, long_options);
@@ -264,7 +270,7 @@ void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedB
   p.tile_rows = tile_rows_for(p);
   if (tiled_applies(p, false) && tiled::dispatch_dtype(dtype, p, [&]<typename E, int kDqk, int kDv>() {
         if (forward_by_blocks())
-          run_forward_by_blocks<E, kDqk, kDv>(p, q, p.cu_seqlens_q ? q.size(0) : q.size(0) * q.size(1));
+          run_forward_by_blocks<E, kDqk, kDv>(p, q);
         else
           tiled::run_selection_fwd<E, kDqk, kDv>(p);
       }))
@@ -277,8 +283,7 @@ void selection_attention_bwd_cuda(const AttentionBwdParams& params, const Select
   SelectionAttentionParams p = selection_params(params, selection);
   static_cast<AttentionBwdParams&>(p) = params;
   p.tile_rows = tile_rows_for(p);
-  const int64_t index_rows = p.cu_seqlens_q ? q.size(0) : q.size(0) * q.size(1);
-  const auto index = build_reverse_index(p, q.options(), index_rows);
+  const auto index = build_reverse_index(p, q.options(), index_rows_of(p, q));
   if (tiled_applies(p, true) && (dtype == at::kHalf || dtype == at::kBFloat16)) {
     // rowsum(dout * out) - dlse per (row, head), laid out like lse.
     const at::Tensor delta = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));

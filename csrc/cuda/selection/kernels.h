@@ -180,7 +180,7 @@ struct SelectionBlockSchedule {
 
   __device__ static QueryTile tile(const SelectionAttentionParams& p, int rows) {
     QueryTile qt{};
-    const int64_t slots = p.num_heads_k * p.num_seqs * p.blocks_per_seq;
+    const int64_t slots = p.reverse_slots();
     const int64_t x = blockIdx.x;
     if (x >= p.slot_tiles[slots]) return qt;  // the launch's bound exceeds the chunk's tiles
     int64_t lo = 0, hi = slots;  // the last slot whose first tile is <= x
