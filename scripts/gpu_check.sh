@@ -134,13 +134,14 @@ else
     step tests-all 200 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \
       --ignore tests/test_cuda_racecheck.py --ignore tests/test_cuda_memcheck.py
     step bench 120 "$python" -m nsa_ext.bench --device cuda
-    # Selected-block attention's forward per group size: query tiles (64 / G positions packed, over the
-    # union of their blocks) vs by blocks (the queries that chose a block, partial outputs combined):
-    # the choice csrc/cuda/selection/config.h leaves to this measurement.
+    # Selected-block attention per group size, forward and dq: query tiles (64 / G positions packed,
+    # over the union of their blocks) vs by blocks (the queries that chose a block, partial results
+    # combined): the choice csrc/cuda/selection/config.h leaves to this measurement.
     for g in 1 2 4 16; do
-      for forward in tiles blocks; do
-        step "bench-selection-G$g-$forward" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
-          --modes fwd --seqlens 16384,65536 --heads $((4 * g)) --kv-heads 4 --head-dim 128 --selection-forward $forward
+      for schedule in tiles blocks; do
+        step "bench-selection-G$g-$schedule" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
+          --modes fwd,fwd+bwd --seqlens 65536 --heads $((4 * g)) --kv-heads 4 --head-dim 128 \
+          --selection-schedule $schedule
       done
     done
   else

@@ -28,15 +28,15 @@ def selection(lengths):
     ids = torch.randint(-1, 4, (sum(lengths), 2, 5), dtype=torch.int32, device="cuda")
     ids[::7, :, 1] = 2**31 - 1  # out of range
     ids[::5, :, 2] = ids[::5, :, 3]  # duplicates
-    # The tiled bf16 forward by query tiles, then by blocks (chunks of 20 index rows), and the baseline.
-    for dtype, forward in ((torch.bfloat16, "tiles"), (torch.bfloat16, "blocks"), (torch.float32, "tiles")):
-        os.environ["NSA_SELECTION_FORWARD"] = forward
+    # The tiled bf16 kernels by query tiles, then by blocks (chunks of 20 index rows), and the baseline.
+    for dtype, schedule in ((torch.bfloat16, "tiles"), (torch.bfloat16, "blocks"), (torch.float32, "tiles")):
+        os.environ["NSA_SELECTION_SCHEDULE"] = schedule
         os.environ["NSA_SELECTION_PARTIAL_BYTES"] = str(20 * 6 * 5 * 65 * 4)
         q, k, v, cq, ck = packed(lengths, 6, 2, 64, 64, dtype)
         out, lse = nsa_ext.selection_attention(q, k, v, ids, select_block=32, cu_seqlens_q=cq, cu_seqlens_k=ck,
                                                max_seqlen_q=70, max_seqlen_k=70)
         (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
-    del os.environ["NSA_SELECTION_FORWARD"], os.environ["NSA_SELECTION_PARTIAL_BYTES"]
+    del os.environ["NSA_SELECTION_SCHEDULE"], os.environ["NSA_SELECTION_PARTIAL_BYTES"]
 
 
 def main():

@@ -73,8 +73,8 @@ def test_gpu_check_benchmark_commands_parse():
         text = command.replace("\\\n", " ")
         text = re.sub(r"\$\(\((.*?)\)\)", "8", text)  # $((4 * g)): any number of heads
         args = [a.strip('"') for a in text.split()]
-        # Loop variables: $forward takes a --selection-forward choice, the others ($g, ...) a number.
-        args = [a if not a.startswith("$") else "blocks" if a == "$forward" else "1" for a in args]
+        # Loop variables: $schedule takes a --selection-schedule choice, the others ($g, ...) a number.
+        args = [a if not a.startswith("$") else "blocks" if a == "$schedule" else "1" for a in args]
         parsed = bench.build_parser().parse_args(args)
         assert parsed.device == "cuda"
 

@@ -28,6 +28,11 @@ WARPGROUP_MMA = "12WarpgroupMma"
 # The policy types that tell the families apart in the kernel names (cuda/tile/attention.h).
 FAMILIES = {"dense": ("DenseSchedule", "DenseKeyBlock"),
             "selection": ("SelectionSchedule", "SelectionBlockSchedule", "SelectionKeyBlock")}
+# Per family and kernel kind, the policies that must each have a kernel of that kind (selection's
+# forward and dq by query tiles and by blocks).
+KIND_POLICIES = {"dense": {"fwd": FAMILIES["dense"][:1], "dq": FAMILIES["dense"][:1], "dkv": FAMILIES["dense"][1:]},
+                 "selection": {"fwd": FAMILIES["selection"][:2], "dq": FAMILIES["selection"][:2],
+                               "dkv": FAMILIES["selection"][2:]}}
 # Head-dim pairs the build compiled (NSA_CUDA_HEAD_DIMS), as they appear in the Traits arguments.
 HEAD_DIM_PAIRS = {64: "Li64ELi64E", 128: "Li128ELi128E", 192: "Li192ELi128E", 256: "Li256ELi256E"}
 
@@ -81,11 +86,10 @@ def test_tiled_kernels_use_tensor_cores(arch, family):
     functions = {n: body for n, body in _tiled(_sass_by_function(arch)).items()
                  if any(policy in n for policy in FAMILIES[family])}
     assert functions, f"no tiled {family} attention kernels in the sm_{arch} cubin"
-    for policy in FAMILIES[family]:
-        assert any(policy in n for n in functions), f"no {policy} kernel in the sm_{arch} cubin"
     for kind, tag in TILED_KERNELS.items():
         kernels = {n: body for n, body in functions.items() if tag in n}
-        assert kernels, f"no {family} {kind} kernel for sm_{arch}"
+        for policy in KIND_POLICIES[family][kind]:
+            assert any(policy in n for n in kernels), f"no {kind} kernel with {policy} in the sm_{arch} cubin"
         for name, body in kernels.items():
             if WARPGROUP_MMA not in name:
                 _assert_tensor_core_code(name, body, arch)

@@ -80,7 +80,7 @@ def test_emulation_build_is_loaded():
 
 def _layer_and_decoding(dtype, head_dim):
     """Every kernel once: the NSA layer forward and backward (compressed, select_blocks, selection and
-    window attention), one decoding step over a ragged cache, and selection's forward by blocks."""
+    window attention), one decoding step over a ragged cache, and selection's forward and dq by blocks."""
     torch.manual_seed(0)
     layer = nsa_ext.NativeSparseAttention(256, num_heads=8, num_kv_heads=2, head_dim=head_dim, config=CONFIG)
     layer = layer.to(dtype)
@@ -96,15 +96,17 @@ def _layer_and_decoding(dtype, head_dim):
     b = b.to(dtype, GPU, requires_grad=True)
     selected, _ = nsa_ext.selection_attention(b.q, b.k, b.v, idx, select_block=16, **b.seqlens)
     selected_grads = torch.autograd.grad(selected.float().square().sum(), (b.q, b.k, b.v))
-    # The forward by blocks, in three chunks of index rows (tiled dtypes only; the baseline ignores it).
+    # The forward and dq by blocks, in three chunks of index rows (tiled dtypes only; the baseline
+    # ignores it).
     b, idx = batch_and_indices([0, 1, 70, 33], [0, 1, 90, 33], 8, 2, head_dim, head_dim, 16, 5, True, gen)
-    b = b.to(dtype, GPU)
+    b = b.to(dtype, GPU, requires_grad=True)
     budget = 40 * 8 * 5 * (head_dim + 1) * 4  # 40 rows of Hq = 8, n = 5
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("NSA_SELECTION_FORWARD", "blocks")
+        env.setenv("NSA_SELECTION_SCHEDULE", "blocks")
         env.setenv("NSA_SELECTION_PARTIAL_BYTES", str(budget))
         by_blocks = nsa_ext.selection_attention(b.q, b.k, b.v, idx, select_block=16, **b.seqlens)
-    return [out, *grads, decoded, indices, selected, *selected_grads, *by_blocks]
+        by_blocks_grads = torch.autograd.grad(by_blocks[0].float().square().sum(), (b.q, b.k, b.v))
+    return [out, *grads, decoded, indices, selected, *selected_grads, *by_blocks, *by_blocks_grads]
 
 
 @child_only

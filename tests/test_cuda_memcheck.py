@@ -3,7 +3,7 @@ emulator built with AddressSanitizer + UBSan (`NSA_EMULATE_SANITIZE=1 scripts/em
 head dims 64 and 128) runs the emulated kernels on CPU tensors, so a kernel that reads or writes past a
 tensor (a bad index, a missing bound on a tile's last rows, a wrong partial-buffer offset) is reported.
 A child runs every kernel once and the tests that stress bounds: bad / duplicate / future ids, partial
-last blocks, TQ < TK, packed batches with empty and length-1 sequences, the forward by blocks in
+last blocks, TQ < TK, packed batches with empty and length-1 sequences, the forward and dq by blocks in
 chunks, rows past the live cache length. It must pass and print no sanitizer report (a partial-buffer
 offset one row too far in the forward by blocks is reported as a heap-buffer-overflow in store_rows).
 About 6 minutes on 2 cores, build included."""
@@ -24,8 +24,8 @@ SUBSET = [
     "tests/test_cuda_racecheck.py::test_every_kernel_once",
     "tests/test_cuda_selection.py::test_bad_ids_are_ignored",
     "tests/test_cuda_selection.py::test_rows_that_see_nothing",
-    "tests/test_cuda_selection.py::test_forward_by_blocks_matches_reference",
-    "tests/test_cuda_selection.py::test_forward_by_blocks_bad_ids_and_tq_below_tk",
+    "tests/test_cuda_selection.py::test_by_blocks_matches_reference",
+    "tests/test_cuda_selection.py::test_by_blocks_bad_ids_and_tq_below_tk",
     "tests/test_cuda_selection.py::test_select_blocks_and_tq_below_tk",
     "tests/test_cuda_selection.py::test_tiled_matches_reference",
     "tests/test_cuda_dense.py::test_window_tile_boundaries",

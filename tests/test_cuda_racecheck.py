@@ -40,7 +40,7 @@ RACY = ["race_shared_store", "race_cp_async_ldmatrix", "race_between_blocks"]
 CLEAN = ["clean", "syncwarp_orders", "wgmma_clean"]
 
 # The kernels: every one of them once (below: the layer forward and backward, decoding, selection
-# with unchosen key rows and its forward by blocks; tiled bf16 and the fp32 baseline), and the Hopper
+# with unchosen key rows and its forward and dq by blocks; tiled bf16 and the fp32 baseline), and the Hopper
 # path (forward and dq on wgmma; at 128/128 the three-stage forward).
 KERNEL_TESTS = [
     "tests/test_cuda_racecheck.py::test_every_kernel_once",

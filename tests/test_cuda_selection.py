@@ -2,8 +2,8 @@
 64 / 128 / 256 / 192-128) and the baseline (fp32 / fp64, other head dims) against the fp64 reference and
 the CPU kernel: G in 1, 2, 4, 8, 16 (and 3), select_block 32 / 64 / 128, packed with empty and length-1
 sequences, TQ < TK, -1 / duplicate / out-of-range / future ids, determinism, poisoned outputs, opcheck,
-torch.compile and the NSA layer; the forward by blocks (NSA_SELECTION_FORWARD=blocks) likewise. Skipped
-without a GPU."""
+torch.compile and the NSA layer; the schedule by blocks of the forward and dq
+(NSA_SELECTION_SCHEDULE=blocks) likewise. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -144,9 +144,9 @@ def test_bitwise_deterministic(dtype):
     check_bitwise_reruns(run_once)
 
 
-@pytest.mark.parametrize("forward", ["tiles", "blocks"])
-def test_rows_that_see_nothing(monkeypatch, forward):
-    monkeypatch.setenv("NSA_SELECTION_FORWARD", forward)
+@pytest.mark.parametrize("schedule", ["tiles", "blocks"])
+def test_rows_that_see_nothing(monkeypatch, schedule):
+    monkeypatch.setenv("NSA_SELECTION_SCHEDULE", schedule)
     gen = torch.Generator().manual_seed(8)
     b = random_batch([70], [40], 4, 2, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
     x = b.to(torch.bfloat16, GPU, requires_grad=True)
@@ -188,22 +188,23 @@ def test_tile_positions_knob_gives_the_same_result(monkeypatch):
             torch.testing.assert_close(a, e, rtol=0, atol=2e-3)
 
 
-# --- the forward by blocks (NSA_SELECTION_FORWARD=blocks) -----------------------------------------------
+# --- the schedule by blocks (NSA_SELECTION_SCHEDULE=blocks) ---------------------------------------------
 
 def by_blocks(monkeypatch, chunk_rows, heads_q, count, dv):
-    """Selects the forward by blocks with chunks of `chunk_rows` index rows (its partial-output budget)."""
-    monkeypatch.setenv("NSA_SELECTION_FORWARD", "blocks")
+    """Selects the forward and dq by blocks with chunks of `chunk_rows` index rows for the forward's
+    partials (Dv + 1 floats per slot), and of about as many for dq's (Dk floats per slot)."""
+    monkeypatch.setenv("NSA_SELECTION_SCHEDULE", "blocks")
     monkeypatch.setenv("NSA_SELECTION_PARTIAL_BYTES", str(chunk_rows * heads_q * count * (dv + 1) * 4))
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_forward_by_blocks_matches_reference(monkeypatch, group, packed):
-    # Chunks of 37 index rows: slots straddle chunks and the partial buffers are reused; G = 3 with
-    # Dk != Dv; empty and length-1 sequences; 10% of the slots -1.
+def test_by_blocks_matches_reference(monkeypatch, group, packed):
+    # Chunks of 37 index rows (24 for dq at Dk 192): slots straddle chunks and the partial buffers are
+    # reused; G = 3 with Dk != Dv, G = 2 at 256; empty and length-1 sequences; 10% of the slots -1.
     gen = torch.Generator().manual_seed(20 + group)
     hk = 2 if group < 8 else 1
-    dims = (192, 128) if group == 3 else (64, 64)
+    dims = {3: (192, 128), 2: (256, 256)}.get(group, (64, 64))
     q_lens, k_lens = ([0, 1, 150, 77], [0, 1, 150, 203]) if packed else ([150, 150], [150, 150])
     exact, idx = batch_and_indices(q_lens, k_lens, hk * group, hk, dims[0], dims[1], 32, 5, packed, gen)
     by_blocks(monkeypatch, 37, hk * group, 5, dims[1])
@@ -211,7 +212,7 @@ def test_forward_by_blocks_matches_reference(monkeypatch, group, packed):
 
 
 @pytest.mark.parametrize("block", [32, 128])
-def test_forward_by_blocks_bad_ids_and_tq_below_tk(monkeypatch, block):
+def test_by_blocks_bad_ids_and_tq_below_tk(monkeypatch, block):
     gen = torch.Generator().manual_seed(30 + block)
     exact, idx = batch_and_indices([100], [130], 8, 2, 128, 128, block, 4, False, gen)
     idx[0, ::3, 0, 0] = 2**31 - 1
@@ -222,15 +223,25 @@ def test_forward_by_blocks_bad_ids_and_tq_below_tk(monkeypatch, block):
     check_against_reference(fn(block), exact, idx, torch.float16, gen)
 
 
-def test_forward_by_blocks_is_deterministic_and_uses_tensor_cores(monkeypatch):
+def test_by_blocks_is_deterministic_and_uses_tensor_cores(monkeypatch):
     gen = torch.Generator().manual_seed(40)
     b = random_batch([300], [300], 4, 4, 64, 64, packed=False, dtype=torch.bfloat16, generator=gen)
-    x = b.to(torch.bfloat16, GPU)
     idx = nsa_like_indices(300, 4, 6, 32, gen).to(GPU)
+    dout = torch.randn(1, 300, 4, 64, generator=gen).to(torch.bfloat16).to(GPU)
     by_blocks(monkeypatch, 50, 4, 6, 64)
-    check_tensor_core_kernels([lambda: nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32)],
-                              ["SelectionBlockSchedule", "combine_partials_kernel"])
-    check_bitwise_reruns(lambda: nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32))
+    x = b.to(torch.bfloat16, GPU, requires_grad=True)
+    out = []
+    check_tensor_core_kernels(
+        [lambda: out.extend(nsa_ext.selection_attention(x.q, x.k, x.v, idx, select_block=32)),
+         lambda: torch.autograd.grad((out[0] * dout).sum(), x.q)],
+        ["SelectionBlockSchedule", "combine_partials_kernel", "dq_kernel", "combine_dq_partials_kernel"])
+
+    def run_once():
+        y = b.to(torch.bfloat16, GPU, requires_grad=True)
+        o, lse = nsa_ext.selection_attention(y.q, y.k, y.v, idx, select_block=32)
+        return (o, lse, *torch.autograd.grad((o * dout).sum() + lse.sum(), (y.q, y.k, y.v)))
+
+    check_bitwise_reruns(run_once)
 
 
 def test_opcheck():

@@ -146,7 +146,7 @@ NSA_HOST_DEVICE int64_t reverse_entry(int64_t slot, int64_t query) { return (slo
 NSA_HOST_DEVICE int64_t entry_query(int64_t entry) { return entry & 0xffffffff; }
 NSA_HOST_DEVICE int64_t entry_slot(int64_t entry) { return entry >> 32; }
 
-// Row of the index tensor (and of the forward by blocks' partial outputs) that holds query `query` of
+// Row of the index tensor (and of the schedule by blocks' partials) that holds query `query` of
 // a sequence: padded b * TQ + i, packed the packed row.
 NSA_HOST_DEVICE int64_t index_row(const AttentionParams& p, const SeqSpan& s, int64_t query) {
   return s.batch * p.max_seqlen_q + s.q_row_begin + query;
@@ -185,14 +185,16 @@ struct SelectionAttentionParams : AttentionBwdParams {
   int64_t blocks_per_seq;          // ceil(max_key_rows / l'): reverse-index slots per (kv head, sequence)
   const int64_t* reverse_offsets;  // [Hk * N * blocks_per_seq + 1]: entries of slot s are [off[s], off[s+1])
   const int64_t* reverse_entries;  // sorted reverse_entry values
-  // The forward by blocks (cuda/selection_attention.cu), one chunk of index rows at a time:
+  // The schedule by blocks (cuda/selection_attention.cu), one chunk of index rows at a time:
   int64_t chunk_row_begin;         // index rows [chunk_row_begin, chunk_row_end)
   int64_t chunk_row_end;
   const int64_t* slot_entries;     // [slots][2]: the slot's entries whose query lies in the chunk
   const int64_t* slot_tiles;       // [slots + 1]: first work tile of each slot (exclusive scan), total last
   int64_t work_tiles;              // blocks launched: a bound of the chunk's tiles known without a sync
-  float* partial_o;                // [chunk rows][Hq][n][Dv]: o of (row, head) over the block of slot n
+  float* partial_o;                // forward: [chunk rows][Hq][n][Dv], o of (row, head) over slot n's block
   float* partial_lse;              // [chunk rows][Hq][n]
+  bool dq_by_blocks;               // backward: the tiled launch runs delta and dk / dv only, and then
+  float* partial_dq;               // a launch per chunk with this set ([chunk rows][Hq][n][Dk]) runs dq
 
   // Reverse-index slots (kv head, sequence, block), reverse_slot's range.
   NSA_HOST_DEVICE int64_t reverse_slots() const { return num_heads_k * num_seqs * blocks_per_seq; }

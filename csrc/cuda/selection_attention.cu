@@ -138,13 +138,15 @@ bool tiled_applies(const SelectionAttentionParams& p, bool backward) {
   return !backward || tiled::rows_aligned(p.dout, p.dout_strides);
 }
 
-// --- The forward by blocks --------------------------------------------------------------------------
-// For small groups the query tiles of the tiled forward visit the union of their positions' blocks,
-// and a warp's 16 rows pay for every block any of them chose. The forward by blocks instead runs one
-// tile per kSelectionRows rows of the queries that chose a block (the reverse index), so that every
-// mma row is used, and writes each (row, head, slot)'s partial result over its block; a combine kernel
-// then merges the n partials of a row in slot order (flash-decoding's combine: deterministic). The
-// partials take Hq * n * (Dv + 1) floats per index row, so the rows go in chunks under a memory budget.
+// --- The schedule by blocks ------------------------------------------------------------------------
+// For small groups the query tiles of the tiled forward and dq kernels visit the union of their
+// positions' blocks, and a warp's 16 rows pay for every block any of them chose. The schedule by
+// blocks (SelectionBlockSchedule) instead runs one tile per kSelectionRows rows of the queries that
+// chose a block (the reverse index), so that every mma row is used, and writes each (row, head,
+// slot)'s partial result over its block; a combine kernel then merges the n partials of a row in slot
+// order (deterministic). The forward's partials are o over the block and its lse (merged as
+// flash-decoding does), dq's the block's share of dQ (summed). They take Hq * n * (Dv + 1) or Dk floats
+// per index row, so the rows go in chunks under a memory budget.
 
 // Per slot (kv head, sequence, block): its entries whose query lies in the chunk, and its tile count.
 __global__ void chunk_slots_kernel(const SelectionAttentionParams p, int64_t* slot_entries, int64_t* slot_tile_count) {
@@ -173,77 +175,116 @@ __global__ void chunk_slots_kernel(const SelectionAttentionParams p, int64_t* sl
   slot_tile_count[slot] = ((end - begin) * group + tiled::kSelectionRows - 1) / tiled::kSelectionRows;
 }
 
-// o and lse of the chunk's rows from their partials: one warp per (index row, query head), slots in
-// index order. A row whose slots all fail first_counting_slot has o = 0, lse = -inf.
+// The (chunk row, query head) a combine kernel's warp merges: one warp per pair, slots in index order.
+struct CombinedRow {
+  SeqSpan span;
+  int64_t query, head;
+  int64_t partials;  // index of its slot 0 in the chunk's partials ([chunk rows][Hq][n])
+  const int32_t* ids;
+  int64_t num_blocks, position;
+
+  // False past the chunk or for a packed row no sequence holds (no output, as in the other kernels).
+  __device__ bool locate(const SelectionAttentionParams& p, int64_t warp) {
+    const int64_t heads = p.num_heads_q;
+    if (warp >= (p.chunk_row_end - p.chunk_row_begin) * heads) return false;
+    head = warp % heads;
+    partials = warp * p.selection.count;
+    const IndexRow r = locate_index_row(p, p.chunk_row_begin + warp / heads);
+    if (r.seq >= p.num_seqs) return false;
+    span = seq_span(p, r.seq);
+    query = r.query;
+    const SelectedBlocks& sel = p.selection;
+    ids = sel.indices + sel.strides.offset(span.batch, span.q_row_begin + query, head / (heads / p.num_heads_k));
+    num_blocks = num_select_blocks(span.k_len, sel.block);
+    position = span.query_offset + query;
+    return true;
+  }
+  // visit(k) for the slots that count (first_counting_slot, those the partials hold), ascending, on
+  // every lane of the warp; each lane tests one slot of every 32.
+  template <typename Visit>
+  __device__ void for_each_counting_slot(const SelectionAttentionParams& p, int lane, Visit&& visit) const {
+    const int64_t n = p.selection.count;
+    for (int64_t k0 = 0; k0 < n; k0 += 32) {
+      const bool counts =
+          k0 + lane < n && first_counting_slot(ids, k0 + lane, num_blocks, p.selection.block, position);
+      const unsigned counting = __ballot_sync(0xffffffffu, counts);
+      for (int b = 0; b < 32; ++b)
+        if ((counting >> b) & 1u) visit(k0 + b);
+    }
+  }
+};
+
+// The forward's o and lse of the chunk's rows from their partials. A row whose slots all fail
+// first_counting_slot has o = 0, lse = -inf.
 template <typename Element, int kDv>
 __global__ void combine_partials_kernel(const SelectionAttentionParams p) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t heads = p.num_heads_q, n = p.selection.count;
-  if (warp >= (p.chunk_row_end - p.chunk_row_begin) * heads) return;
-  const int64_t head = warp % heads, part_row = warp / heads;
-  const auto [seq, query] = locate_index_row(p, p.chunk_row_begin + part_row);
-  if (seq >= p.num_seqs) return;  // a packed row no sequence holds: no output, as in the other kernels
-  const SeqSpan s = seq_span(p, seq);
-  const SelectedBlocks& sel = p.selection;
-  const int32_t* ids = sel.indices + sel.strides.offset(s.batch, s.q_row_begin + query, head / (heads / p.num_heads_k));
-  const int64_t num_blocks = num_select_blocks(s.k_len, sel.block), position = s.query_offset + query;
-  auto counts = [&](int64_t k) { return first_counting_slot(ids, k, num_blocks, sel.block, position); };
-  const float* part_lse = p.partial_lse + (part_row * heads + head) * n;
-  const float* part_o = p.partial_o + (part_row * heads + head) * n * kDv;
+  CombinedRow r;
+  if (!r.locate(p, (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32)) return;
+  const float* part_lse = p.partial_lse + r.partials;
+  const float* part_o = p.partial_o + r.partials * kDv;
   float max_lse = -INFINITY;
-  for (int64_t k = 0; k < n; ++k)
-    if (counts(k)) max_lse = fmaxf(max_lse, part_lse[k]);
+  r.for_each_counting_slot(p, lane, [&](int64_t k) { max_lse = fmaxf(max_lse, part_lse[k]); });
   float sum = 0.f, acc[kDv / 32] = {};
-  for (int64_t k = 0; k < n; ++k) {
-    if (!counts(k)) continue;
+  r.for_each_counting_slot(p, lane, [&](int64_t k) {
     const float weight = expf(part_lse[k] - max_lse);
     sum += weight;
 #pragma unroll
     for (int i = 0; i < kDv / 32; ++i) acc[i] += weight * part_o[k * kDv + 32 * i + lane];
-  }
+  });
   const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-  Element* o = static_cast<Element*>(p.o) + p.o_strides.offset(s.batch, s.q_row_begin + query, head);
+  Element* o = static_cast<Element*>(p.o) + p.o_strides.offset(r.span.batch, r.span.q_row_begin + r.query, r.head);
 #pragma unroll
   for (int i = 0; i < kDv / 32; ++i) o[32 * i + lane] = static_cast<Element>(acc[i] * inv_sum);
   if (lane == 0)
-    static_cast<float*>(p.lse)[p.lse_strides.offset(s.batch, s.q_row_begin + query, head)] =
+    static_cast<float*>(p.lse)[p.lse_strides.offset(r.span.batch, r.span.q_row_begin + r.query, r.head)] =
         sum > 0.f ? max_lse + logf(sum) : -INFINITY;
 }
 
-// Index rows per chunk: the partials of a chunk fit in NSA_SELECTION_PARTIAL_BYTES (default 1 GiB).
-int64_t chunk_rows_for(const SelectionAttentionParams& p, int64_t index_rows) {
+// dq of the chunk's rows: the sum of their partials (scaled already), 0 for a row that sees nothing.
+template <typename Element, int kDqk>
+__global__ void combine_dq_partials_kernel(const SelectionAttentionParams p) {
+  const int lane = threadIdx.x % 32;
+  CombinedRow r;
+  if (!r.locate(p, (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32)) return;
+  const float* part_dq = p.partial_dq + r.partials * kDqk;
+  float acc[kDqk / 32] = {};
+  r.for_each_counting_slot(p, lane, [&](int64_t k) {
+#pragma unroll
+    for (int i = 0; i < kDqk / 32; ++i) acc[i] += part_dq[k * kDqk + 32 * i + lane];
+  });
+  Element* dq = static_cast<Element*>(p.dq) + p.dq_strides.offset(r.span.batch, r.span.q_row_begin + r.query, r.head);
+#pragma unroll
+  for (int i = 0; i < kDqk / 32; ++i) dq[32 * i + lane] = static_cast<Element>(acc[i]);
+}
+
+// Index rows per chunk: the partials of a chunk, `floats` per (index row, query head, slot), fit in
+// NSA_SELECTION_PARTIAL_BYTES (default 1 GiB).
+int64_t chunk_rows_for(const SelectionAttentionParams& p, int64_t index_rows, int64_t floats) {
   const char* env = std::getenv("NSA_SELECTION_PARTIAL_BYTES");
   const int64_t budget = env ? std::atoll(env) : (int64_t(1) << 30);
-  const int64_t row_bytes = p.num_heads_q * p.selection.count * (p.head_dim_v + 1) * int64_t(sizeof(float));
+  const int64_t row_bytes = p.num_heads_q * p.selection.count * floats * int64_t(sizeof(float));
   const int64_t rows = budget / row_bytes;
   return rows < 1 ? 1 : (rows < index_rows ? rows : index_rows);
 }
 
-// Whether the forward goes by blocks: NSA_SELECTION_FORWARD=blocks (tiles, the default, otherwise),
-// until a GPU has measured where each is faster.
-bool forward_by_blocks() {
-  const char* env = std::getenv("NSA_SELECTION_FORWARD");
+// Whether the forward and dq kernels go by blocks: NSA_SELECTION_SCHEDULE=blocks (tiles, the default,
+// otherwise), until a GPU has measured where each is faster.
+bool schedule_by_blocks() {
+  const char* env = std::getenv("NSA_SELECTION_SCHEDULE");
   return env != nullptr && std::string(env) == "blocks";
 }
 
-template <typename Element, int kDqk, int kDv>
-void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q) {
-  static_assert(kDv % 32 == 0, "the combine kernel's lanes split Dv");
-  const int64_t index_rows = index_rows_of(p, q);
-  const auto index = build_reverse_index(p, q.options(), index_rows);
-  const auto float_options = q.options().dtype(at::kFloat);
-  const auto long_options = q.options().dtype(at::kLong);
-  const int64_t heads = p.num_heads_q, n = p.selection.count, group = heads / p.num_heads_k;
-  const int64_t chunk = chunk_rows_for(p, index_rows);
-  const at::Tensor partial_o = at::empty({chunk, heads, n, p.head_dim_v}, float_options);
-  const at::Tensor partial_lse = at::empty({chunk, heads, n}, float_options);
-  const int64_t slots = p.reverse_slots();
+// Runs `launch` (a chunk's by-blocks kernel and its combine) for each chunk of `chunk` index rows, with
+// the chunk's rows, slot entries, work list and work-tile bound set in p. p has its reverse index.
+template <typename Launch>
+void for_each_chunk(SelectionAttentionParams& p, const at::TensorOptions& options, int64_t index_rows, int64_t chunk,
+                    Launch&& launch) {
+  const auto long_options = options.dtype(at::kLong);
+  const int64_t slots = p.reverse_slots(), n = p.selection.count, group = p.num_heads_q / p.num_heads_k;
   const at::Tensor slot_entries = at::empty({slots, 2}, long_options);
   const at::Tensor slot_tile_count = at::empty({slots}, long_options);
   at::Tensor slot_tiles = at::zeros({slots + 1}, long_options);
-  p.partial_o = partial_o.data_ptr<float>();
-  p.partial_lse = partial_lse.data_ptr<float>();
   p.slot_entries = slot_entries.data_ptr<int64_t>();
   p.slot_tiles = slot_tiles.data_ptr<int64_t>();
   at::Tensor scan = slot_tiles.narrow(0, 1, slots);
@@ -256,10 +297,48 @@ void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q) {
     // At most n entries per (index row, kv head); a slot's tiles round its rows up once.
     const int64_t entries = (p.chunk_row_end - p.chunk_row_begin) * p.num_heads_k * n;
     p.work_tiles = (entries * group + tiled::kSelectionRows - 1) / tiled::kSelectionRows + std::min(slots, entries);
-    tiled::run_selection_fwd<Element, kDqk, kDv>(p);
-    const int64_t warps = (p.chunk_row_end - p.chunk_row_begin) * heads;
-    launch_kernel(combine_partials_kernel<Element, kDv>, blocks_for(warps * 32), kBlock, 0, p);
+    launch();
   }
+}
+
+// Blocks of a combine kernel over the chunk's (row, query head) pairs, a warp each.
+unsigned combine_blocks(const SelectionAttentionParams& p) {
+  return blocks_for((p.chunk_row_end - p.chunk_row_begin) * p.num_heads_q * 32);
+}
+
+template <typename Element, int kDqk, int kDv>
+void run_forward_by_blocks(SelectionAttentionParams p, const at::Tensor& q) {
+  static_assert(kDv % 32 == 0, "the combine kernel's lanes split Dv");
+  const int64_t index_rows = index_rows_of(p, q);
+  const auto index = build_reverse_index(p, q.options(), index_rows);
+  const auto float_options = q.options().dtype(at::kFloat);
+  const int64_t heads = p.num_heads_q, n = p.selection.count;
+  const int64_t chunk = chunk_rows_for(p, index_rows, p.head_dim_v + 1);
+  const at::Tensor partial_o = at::empty({chunk, heads, n, p.head_dim_v}, float_options);
+  const at::Tensor partial_lse = at::empty({chunk, heads, n}, float_options);
+  p.partial_o = partial_o.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  for_each_chunk(p, q.options(), index_rows, chunk, [&] {
+    tiled::run_selection_fwd<Element, kDqk, kDv>(p);
+    launch_kernel(combine_partials_kernel<Element, kDv>, combine_blocks(p), kBlock, 0, p);
+  });
+}
+
+// The tiled backward with dq by blocks; p has its reverse index and softmax_delta.
+template <typename Element, int kDqk, int kDv>
+void run_backward_by_blocks(SelectionAttentionParams p, const at::Tensor& q) {
+  static_assert(kDqk % 32 == 0, "the combine kernel's lanes split Dk");
+  p.dq_by_blocks = true;
+  tiled::run_selection_bwd<Element, kDqk, kDv>(p);  // delta, dk, dv
+  const int64_t index_rows = index_rows_of(p, q);
+  const int64_t chunk = chunk_rows_for(p, index_rows, p.head_dim_qk);
+  const at::Tensor partial_dq =
+      at::empty({chunk, p.num_heads_q, p.selection.count, p.head_dim_qk}, q.options().dtype(at::kFloat));
+  p.partial_dq = partial_dq.data_ptr<float>();
+  for_each_chunk(p, q.options(), index_rows, chunk, [&] {
+    tiled::run_selection_bwd<Element, kDqk, kDv>(p);
+    launch_kernel(combine_dq_partials_kernel<Element, kDqk>, combine_blocks(p), kBlock, 0, p);
+  });
 }
 
 }  // namespace
@@ -269,7 +348,7 @@ void selection_attention_fwd_cuda(const AttentionParams& params, const SelectedB
   SelectionAttentionParams p = selection_params(params, selection);
   p.tile_rows = tile_rows_for(p);
   if (tiled_applies(p, false) && tiled::dispatch_dtype(dtype, p, [&]<typename E, int kDqk, int kDv>() {
-        if (forward_by_blocks())
+        if (schedule_by_blocks())
           run_forward_by_blocks<E, kDqk, kDv>(p, q);
         else
           tiled::run_selection_fwd<E, kDqk, kDv>(p);
@@ -289,7 +368,10 @@ void selection_attention_bwd_cuda(const AttentionBwdParams& params, const Select
     const at::Tensor delta = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
     p.softmax_delta = delta.data_ptr<float>();
     if (tiled::dispatch_dtype(dtype, p, [&]<typename E, int kDqk, int kDv>() {
-          tiled::run_selection_bwd<E, kDqk, kDv>(p);
+          if (schedule_by_blocks())
+            run_backward_by_blocks<E, kDqk, kDv>(p, q);
+          else
+            tiled::run_selection_bwd<E, kDqk, kDv>(p);
         }))
       return;
     p.softmax_delta = nullptr;

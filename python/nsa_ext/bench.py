@@ -847,9 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-positions", type=int, default=None,
                         help="CUDA selection: cap the query positions per forward/dq tile (sets "
                              "NSA_SELECTION_TILE_POSITIONS), to measure how small groups should be packed")
-    parser.add_argument("--selection-forward", choices=("tiles", "blocks"), default=None,
-                        help="CUDA selection forward: query tiles over the union of their blocks (default) or "
-                             "by blocks over the queries that chose each (sets NSA_SELECTION_FORWARD)")
+    parser.add_argument("--selection-schedule", choices=("tiles", "blocks"), default=None,
+                        help="CUDA selection forward and dq: query tiles over the union of their blocks (default) "
+                             "or by blocks over the queries that chose each (sets NSA_SELECTION_SCHEDULE)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N largest kernels (CUDA) or operators (CPU) of one run of each NSA row")
     parser.add_argument("--warmup", type=int, default=1)
@@ -870,8 +870,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.tile_positions:
         os.environ["NSA_SELECTION_TILE_POSITIONS"] = str(args.tile_positions)
-    if args.selection_forward:
-        os.environ["NSA_SELECTION_FORWARD"] = args.selection_forward
+    if args.selection_schedule:
+        os.environ["NSA_SELECTION_SCHEDULE"] = args.selection_schedule
     cuda = args.device.startswith("cuda")
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16" if cuda else "float32")).split(",")]
     seqlens = _ints(args.seqlens or ("512,1024" if args.quick else "1024,4096,16384,65536" if cuda

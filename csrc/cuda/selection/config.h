@@ -15,12 +15,12 @@
 // T = 64k: a 16-row warp at G = 1 visits ~12x the blocks its rows need). bench.py's --tile-positions
 // (NSA_SELECTION_TILE_POSITIONS) caps the positions per tile to measure the packing.
 //
-// The alternative, FSA's design, is the forward by blocks (NSA_SELECTION_FORWARD=blocks,
-// SelectionBlockSchedule, selection_attention.cu): one block outermost, gathering the queries that
-// chose it through the reverse index (as the dk/dv kernel does), so every mma row is used, for the
-// price of the index (a sort) and of Dv + 1 floats written and read back per (row, slot). Which is
-// faster per G and T is for a GPU to measure (scripts/gpu_check.sh times both); until then tiles stay
-// the default.
+// The alternative, FSA's design, is the schedule by blocks of the forward and dq kernels
+// (NSA_SELECTION_SCHEDULE=blocks, SelectionBlockSchedule, selection_attention.cu): one block outermost,
+// gathering the queries that chose it through the reverse index (as the dk/dv kernel does), so every
+// mma row is used, for the price of the index (a sort; the backward builds it anyway) and of Dv + 1
+// (forward) or Dk (dq) floats written and read back per (row, slot). Which is faster per G and T is
+// for a GPU to measure (scripts/gpu_check.sh times both); until then tiles stay the default.
 //
 // The dk/dv kernel reuses the dense family's Dkv tiles (64 keys, query tile kBlockM, column slices):
 // a block of 32 keys leaves warps 2-3 idle rather than paying a second instantiation.

@@ -4,6 +4,8 @@
 //     visits the sorted union of the blocks its positions chose, in 32-key tiles; each block carries
 //     the mask of the tile's positions that chose it. Row r sees key s of block j iff its position
 //     chose j and s <= its position (the causal mask inside its own block), s < TK.
+//   SelectionBlockSchedule (forward, dq; opt-in, NSA_SELECTION_SCHEDULE=blocks): one select block
+//     per tile, over rows of the queries that chose it; partial results combined per row afterwards.
 //   SelectionKeyBlock (dk, dv): one 64-key slice of one block per thread block, over the queries that
 //     chose the block, ascending, read from the reverse index (common/selection.h reverse_entry) that
 //     the host builds on the GPU before the launch (selection_attention.cu).
@@ -156,15 +158,17 @@ struct SelectionSchedule : StackedTiles {
   }
 };
 
-// The forward by blocks (small groups; cuda/selection_attention.cu runs it chunk by chunk): block
-// x of the launch is work tile x of the chunk, a tile of kRows rows of one reverse-index slot (kv
-// head, sequence, select block): its entries in the chunk (the queries that chose the block, ascending)
-// times their G heads, found by binary search over slot_tiles. It visits that block's keys only and
-// writes every row's partial result (o normalised over the block, and its lse) for the combine
-// kernel. Every row of every tile chose the block, so no mma row pays for a block it did not choose.
+// The schedule by blocks of the forward and dq kernels (small groups; cuda/selection_attention.cu runs
+// it chunk by chunk): block x of the launch is work tile x of the chunk, a tile of kRows rows of one
+// reverse-index slot (kv head, sequence, select block): its entries in the chunk (the queries that
+// chose the block, ascending) times their G heads, found by binary search over slot_tiles. It visits
+// that block's keys only and writes every row's partial result for a combine kernel: the forward o
+// normalised over the block and its lse, dq the block's share of dQ. Every row of every tile chose
+// the block, so no mma row pays for a block it did not choose.
 template <int kBlockN>
 struct SelectionBlockSchedule {
   using Params = SelectionAttentionParams;
+  using BwdParams = SelectionAttentionParams;
   template <typename Element>
   using OutElement = float;
   static constexpr int kSmemBytes = 0;
@@ -220,18 +224,25 @@ struct SelectionBlockSchedule {
   __device__ bool needs_mask(const Step&) const { return true; }
   __device__ bool visible(const Step& at, int h, int key) const { return key <= position[h] && key < at.key_limit; }
 
-  // The row's partial output: slot k of its index row is the first that holds this block (the one
-  // that counts, first_counting_slot; the reverse index has an entry only for it).
-  template <typename Out>
-  __device__ OutputRow<Out> output(const SelectionAttentionParams& p, const QueryTile& qt, int64_t row) const {
+  // The row's partials: (chunk row, head, slot k) where slot k of its index row is the first that holds
+  // this block (the one that counts, first_counting_slot; the reverse index has an entry only for it).
+  __device__ int64_t partial(const SelectionAttentionParams& p, const QueryTile& qt, int64_t row) const {
     const QueryHead qh = qt.query(row);
     const SelectedBlocks& sel = p.selection;
     const int32_t* ids = sel.indices + sel.strides.offset(qt.span.batch, qt.span.q_row_begin + qh.query, qt.kv_head);
     int64_t k = 0;
     while (k + 1 < sel.count && ids[k] != block_id) ++k;
     const int64_t part_row = index_row(p, qt.span, qh.query) - p.chunk_row_begin;
-    const int64_t part = (part_row * p.num_heads_q + qh.head) * sel.count + k;
+    return (part_row * p.num_heads_q + qh.head) * sel.count + k;
+  }
+  template <typename Out>
+  __device__ OutputRow<Out> output(const SelectionAttentionParams& p, const QueryTile& qt, int64_t row) const {
+    const int64_t part = partial(p, qt, row);
     return {p.partial_o + part * p.head_dim_v, p.partial_lse + part};
+  }
+  template <typename Out>
+  __device__ Out* dq_output(const SelectionAttentionParams& p, const QueryTile& qt, int64_t row) const {
+    return p.partial_dq + partial(p, qt, row) * p.head_dim_qk;
   }
 };
 
@@ -294,8 +305,16 @@ void launch_selection_fwd(const SelectionAttentionParams& p) {
   launch_kernel(fwd_kernel<Kt, Schedule>, checked_grid(p.num_seqs * tiles, p.num_heads_k), Kt::kThreads, kSmem, p);
 }
 
+// The backward: delta, dq by query tiles, dk / dv by blocks. With p.dq_by_blocks the dq pass goes by
+// blocks instead, one chunk per launch with p.partial_dq set (after the launch of delta and dk / dv).
 template <typename Element, typename DqKt, typename DkvKt>
 void launch_selection_bwd(const SelectionAttentionParams& p) {
+  if (p.partial_dq != nullptr) {
+    static_assert(DqKt::kRows == kSelectionRows, "the host sizes tiles by kSelectionRows");
+    launch_kernel(dq_kernel<DqKt, SelectionBlockSchedule<DqKt::kBlockN>>, checked_grid(p.work_tiles, 1),
+                  DqKt::kThreads, DqKt::kDqSmem, p);
+    return;
+  }
   using Schedule = SelectionSchedule<DqKt::kBlockN, DqKt::kThreads>;
   static_assert(2 * DqKt::kBlockN * DqKt::kStrideQK * DqKt::kElem >= kMaxTilePairs * 8, "pair buffer exceeds K stages");
   constexpr int kDqSmem = DqKt::kDqSmem + Schedule::kSmemBytes;
@@ -303,8 +322,9 @@ void launch_selection_bwd(const SelectionAttentionParams& p) {
   launch_delta<Element>(p);
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t q_tiles = (p.max_seqlen_q * group + p.tile_rows - 1) / p.tile_rows;
-  launch_kernel(dq_kernel<DqKt, Schedule>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k), DqKt::kThreads, kDqSmem,
-                p);
+  if (!p.dq_by_blocks)
+    launch_kernel(dq_kernel<DqKt, Schedule>, checked_grid(p.num_seqs * q_tiles, p.num_heads_k), DqKt::kThreads,
+                  kDqSmem, p);
   const int64_t slices = (p.selection.block + DkvKt::kRows - 1) / DkvKt::kRows;
   launch_kernel(dkv_kernel<DkvKt, SelectionKeyBlock>,
                 checked_grid(p.num_seqs * p.blocks_per_seq * slices, p.num_heads_k, DkvKt::kSplitD), DkvKt::kThreads,

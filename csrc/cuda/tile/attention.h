@@ -18,8 +18,9 @@
 //
 // Schedule (fwd, dq), built per block after the query tile is known:
 //   Schedule::Params, BwdParams   the forward's and the backward's parameter structs.
-//   Schedule::tile(p, rows)    the block's QueryTile; OutElement<Element> and output<Out>(p, qt, row): where
-//                              the forward writes a row (StackedTiles: stacked rows, o and lse in place).
+//   Schedule::tile(p, rows)    the block's QueryTile; OutElement<Element>, output<Out>(p, qt, row) and
+//                              dq_output<Out>(p, qt, row): where the forward and dq kernels write a row
+//                              (StackedTiles: stacked rows, o, lse and dq in place).
 //   Schedule(p, qt, scratch, own, warp, lane)  may use `scratch` (the K/V stages, free until the first
 //                              load) and Schedule::kSmemBytes of its own after the kernel's tiles; it
 //                              must be called by every thread (it may synchronise the block).
@@ -152,6 +153,11 @@ struct StackedTiles {
   __device__ OutputRow<Out> output(const Params& p, const QueryTile& qt, int64_t row) const {
     return {static_cast<Out*>(p.o) + qt.offset(p.o_strides, row),
             static_cast<float*>(p.lse) + qt.offset(p.lse_strides, row)};
+  }
+  // Where the dq kernel writes a row's Dk outputs.
+  template <typename Out, typename Params>
+  __device__ Out* dq_output(const Params& p, const QueryTile& qt, int64_t row) const {
+    return static_cast<Out*>(p.dq) + qt.offset(p.dq_strides, row);
   }
 };
 
@@ -558,11 +564,11 @@ __global__ void __launch_bounds__(Kt::kThreads) dq_kernel(const typename Schedul
     __syncthreads();
   }
 
-  Element* dq = static_cast<Element*>(p.dq);
+  using Out = typename Schedule::template OutElement<Element>;
   const float scale = static_cast<float>(p.scale);
-  store_rows<Element, kDqk>(acc_dq, scale, scale, lane, [&](int r) -> Element* {
+  store_rows<Out, kDqk>(acc_dq, scale, scale, lane, [&](int r) -> Out* {
     const int64_t row = qt.row_begin + warp * 16 + r;
-    return row < qt.row_end ? dq + qt.offset(p.dq_strides, row) : nullptr;
+    return row < qt.row_end ? sched.template dq_output<Out>(p, qt, row) : nullptr;
   });
 }
 
