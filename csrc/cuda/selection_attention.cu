@@ -9,16 +9,21 @@
 // index is built here on the GPU without floating-point or ordering-dependent atomics:
 //   1. reverse_entries_kernel writes one int64 entry (slot << 32 | query) per (query, kv head, slot of
 //      its index row) that counts (block_counts, first occurrence of the id in the row), else kNoEntry;
-//   2. sorting the entries (radix sort: distinct keys, so one possible result) groups them by slot
-//      (kv head, sequence, block) with ascending queries;
+//   2. sorting the entries (a radix sort over the bits in use only: distinct keys, so one possible
+//      result) groups them by slot (kv head, sequence, block) with ascending queries;
 //   3. searchsorted of every slot's first key gives the offsets (the count + exclusive scan of a
 //      counting sort).
 // Every dk / dv element is then summed by one thread (tiled) or warp (baseline) in query order:
 // bitwise-reproducible.
 #include <ATen/ATen.h>
+#ifndef NSA_EMULATE_CUDA
+#include <ATen/cuda/cub.h>
+#endif
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "common/selection.h"
@@ -94,6 +99,23 @@ int64_t index_rows_of(const SelectionAttentionParams& p, const at::Tensor& q) {
   return p.cu_seqlens_q ? q.size(0) : q.size(0) * q.size(1);
 }
 
+// Sorts the reverse entries by their bits [0, end_bit) (radix sort: stable). Only the slot's bits above
+// the 32 query bits are in use, so end_bit < 64 saves whole passes over what at::sort (64 bits, and
+// an index per entry) would do. kNoEntry has every bit set and still sorts last.
+at::Tensor sort_entries(const at::Tensor& entries, int end_bit) {
+#ifdef NSA_EMULATE_CUDA
+  // CPU tensors: the same sort, as a stable sort of the keys cut to [0, end_bit).
+  const at::Tensor keys = at::bitwise_and(entries, (int64_t(1) << end_bit) - 1);
+  return entries.index_select(0, std::get<1>(keys.sort(std::optional<bool>(true), 0)));
+#else
+  if (entries.numel() > INT32_MAX || entries.numel() == 0) return std::get<0>(entries.sort());  // cub's limit
+  at::Tensor sorted = at::empty_like(entries);
+  at::cuda::cub::radix_sort_keys(entries.const_data_ptr<int64_t>(), sorted.data_ptr<int64_t>(), entries.numel(),
+                                 false, 0, end_bit);
+  return sorted;
+#endif
+}
+
 // The reverse index of p (see the top of the file); the tensors stay alive with the returned pair.
 std::pair<at::Tensor, at::Tensor> build_reverse_index(SelectionAttentionParams& p, const at::TensorOptions& options,
                                                       int64_t index_rows) {
@@ -105,7 +127,9 @@ std::pair<at::Tensor, at::Tensor> build_reverse_index(SelectionAttentionParams& 
   at::Tensor entries = at::empty({index_rows * p.num_heads_k * p.selection.count}, long_options);
   launch_kernel(reverse_entries_kernel, blocks_for(entries.numel()), kBlock, 0, p, index_rows,
                 entries.data_ptr<int64_t>());
-  entries = std::get<0>(entries.sort());
+  int slot_bits = 1;  // slots <= 2^slot_bits - 1: no slot is all ones, as kNoEntry is
+  while ((int64_t(1) << slot_bits) <= slots) ++slot_bits;
+  entries = sort_entries(entries, 32 + slot_bits);
   const at::Tensor firsts = at::arange(slots + 1, long_options) * (int64_t(1) << 32);  // reverse_entry(slot, 0)
   at::Tensor offsets = at::searchsorted(entries, firsts);
   p.reverse_entries = entries.data_ptr<int64_t>();
