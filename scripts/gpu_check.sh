@@ -136,12 +136,13 @@ else
     step bench 120 "$python" -m nsa_ext.bench --device cuda
     # Selected-block attention per group size, forward and dq: query tiles (64 / G positions packed,
     # over the union of their blocks) vs by blocks (the queries that chose a block, partial results
-    # combined): the choice csrc/cuda/selection/config.h leaves to this measurement.
+    # combined): the choice csrc/cuda/selection/config.h leaves to this measurement. The profiles in
+    # the logs show what the reverse index (its radix sort) and the combine kernels cost.
     for g in 1 2 4 16; do
       for schedule in tiles blocks; do
         step "bench-selection-G$g-$schedule" 60 "$python" -m nsa_ext.bench --device cuda --ops selection \
           --modes fwd,fwd+bwd --seqlens 65536 --heads $((4 * g)) --kv-heads 4 --head-dim 128 \
-          --selection-schedule $schedule
+          --selection-schedule $schedule --profile 8
       done
     done
   else
@@ -157,6 +158,6 @@ if [ -f "$logdir/bench-target-wgmma.log" ]; then echo; echo "== target shape, fo
 if [ -f "$logdir/bench-decode.log" ]; then echo; echo "== decoding target =="; cat "$logdir/bench-decode.log"; fi
 if [ -f "$logdir/bench.log" ]; then echo; echo "== python -m nsa_ext.bench --device cuda =="; cat "$logdir/bench.log"; fi
 for f in "$logdir"/bench-selection-*.log; do
-  [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) =="; tail -n 4 "$f"; }
+  [ -f "$f" ] && { echo; echo "== $(basename "$f" .log) =="; awk '/^op /{table=1} table&&/^$/{exit} table' "$f"; }
 done
 exit $failed
