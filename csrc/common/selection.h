@@ -193,8 +193,10 @@ struct SelectionAttentionParams : AttentionBwdParams {
   int64_t work_tiles;              // blocks launched: a bound of the chunk's tiles known without a sync
   float* partial_o;                // forward: [chunk rows][Hq][n][Dv], o of (row, head) over slot n's block
   float* partial_lse;              // [chunk rows][Hq][n]
-  bool dq_by_blocks;               // backward: the tiled launch runs delta and dk / dv only, and then
-  float* partial_dq;               // a launch per chunk with this set ([chunk rows][Hq][n][Dk]) runs dq
+  // The backward with dq by blocks: the tiled launch runs delta and dk / dv only (dq_by_blocks), then
+  // a launch per chunk with partial_dq set runs dq by blocks.
+  bool dq_by_blocks;
+  float* partial_dq;               // [chunk rows][Hq][n][Dk]: dQ of (row, head) over slot n's block
 
   // Reverse-index slots (kv head, sequence, block), reverse_slot's range.
   NSA_HOST_DEVICE int64_t reverse_slots() const { return num_heads_k * num_seqs * blocks_per_seq; }
