@@ -25,21 +25,6 @@
 
 namespace nsa {
 
-// Runs kernel<<<grid, block, smem, current stream>>>(args...); an empty grid launches nothing. Above
-// 48 KiB, dynamic shared memory must be opted into per kernel (cheap; also inside graph capture).
-template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-#ifdef NSA_EMULATE_CUDA
-  emu::launch(grid, block, smem, [&] { kernel(args...); });
-#else
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-}
-
 struct DeviceLimits {
   int sm_count;
   int smem_per_block;  // opt-in maximum of dynamic shared memory per block, bytes
@@ -55,6 +40,28 @@ inline DeviceLimits current_device_limits() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sm_count, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return limits;
+#endif
+}
+
+// Runs kernel<<<grid, block, smem, current stream>>>(args...); an empty grid launches nothing. Above
+// 48 KiB, dynamic shared memory must be opted into per kernel (cheap; also inside graph capture). The
+// opt-in is the most the kernel can have (the device's maximum less its static shared memory), not
+// this launch's size: the attribute belongs to the kernel, and a smaller size set by another thread's
+// launch must not undercut this one's (a cap: occupancy still follows each launch's own size).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+#ifdef NSA_EMULATE_CUDA
+  emu::launch(grid, block, smem, [&] { kernel(args...); });
+#else
+  if (smem > 48 * 1024) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int cap = current_device_limits().smem_per_block - static_cast<int>(attributes.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
+  }
+  kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
 
