@@ -92,7 +92,7 @@ else
     step tests-cuda 360 "$python" -m pytest -q -x -rs tests/test_cuda_dense.py tests/test_cuda_selection.py \
       tests/test_cuda_select_blocks.py tests/test_cuda_build.py tests/test_fragment_layout.py \
       tests/test_selection_index_math.py tests/test_decode_split_math.py tests/test_decode_attention.py \
-      tests/test_cuda_long_offsets.py
+      tests/test_cuda_long_offsets.py tests/test_cuda_device_seqlens.py
   else
     skip tests-cuda "no GPU: the CUDA tests would all skip"
     step tests-cpu 300 "$python" -m pytest -q -rs tests --ignore tests/test_cuda_emulated.py \

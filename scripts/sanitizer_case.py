@@ -5,7 +5,8 @@ with select_block 32 and G = 3, its forward by query tiles and by blocks, baseli
 duplicate, out-of-range and future ids;
 select_blocks on the compressed case; and the split decoding kernels (ragged cache lengths, one shorter
 than a compressed token, one long enough for two compressed splits, TQ = 2), with the tensor-core
-(bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel. On an sm_90 GPU, last, the bf16 window
+(bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel; window and selected blocks on
+malformed device offsets. On an sm_90 GPU, last, the bf16 window
 case again with the forward and dq on wgmma (NSA_WGMMA=1)."""
 
 import os
@@ -39,6 +40,22 @@ def selection(lengths):
     del os.environ["NSA_SELECTION_SCHEDULE"], os.environ["NSA_SELECTION_PARTIAL_BYTES"]
 
 
+def malformed_offsets():
+    """Offsets on the device that the host never reads, overlapping and past the rows: the kernels must
+    stay inside the tensors (seq_span; tests/test_cuda_device_seqlens.py). Tiled window and selected
+    blocks by blocks, forward and backward."""
+    os.environ["NSA_SELECTION_SCHEDULE"] = "blocks"
+    q, k, v, _, _ = packed([40], 6, 2, 64, 64, torch.bfloat16)
+    ids = torch.randint(-1, 6, (40, 2, 3), dtype=torch.int32, device="cuda")
+    for offsets in ([0, 30, 10, 60], [-9, 2**31 - 1, 40, 40]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+        layout = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=24, max_seqlen_k=24)
+        for out, lse in (nsa_ext.sliding_window_attention(q, k, v, window=10, **layout),
+                         nsa_ext.selection_attention(q, k, v, ids, select_block=8, **layout)):
+            (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    del os.environ["NSA_SELECTION_SCHEDULE"]
+
+
 def main():
     torch.manual_seed(0)
     lengths = [70, 0, 1, 33]
@@ -68,6 +85,7 @@ def main():
         gates = torch.rand(3, 2, 6, 3, device="cuda", dtype=dtype)
         nsa_ext.native_sparse_attention_with_kvcache(q, cache(1110, 64), cache(1110, dim_v), cache(140, 64),
                                                      cache(140, dim_v), gates, lengths, config=config)
+    malformed_offsets()
     if torch.cuda.get_device_capability()[0] == 9:  # last: the newest kernels must not hide the others
         os.environ["NSA_WGMMA"] = "1"
         q, k, v, cq, ck = packed([70, 0, 1, 33], 6, 2, 64, 64, torch.bfloat16)

@@ -38,6 +38,7 @@ CHILD_TESTS = [
     "tests/test_cuda_select_blocks.py",
     "tests/test_decode_attention.py",
     "tests/test_cuda_long_offsets.py",
+    "tests/test_cuda_device_seqlens.py",
     "-k", "not test_bitwise_deterministic",
 ]
 

@@ -64,6 +64,8 @@ DescribedInputs check_and_describe(const AttentionInputs& in) {
                                          in.max_seqlen_k, "max_seqlen_k");
     NSA_CHECK_ARG(n == n_k, "cu_seqlens_k", "must have as many sequences as cu_seqlens_q (", n, "), got ", n_k);
     p.num_seqs = n;
+    p.q_rows = q.size(0);
+    p.key_rows = in.k.size(0);
     p.cu_seqlens_q = in.cu_seqlens_q->data_ptr<int32_t>();
     p.cu_seqlens_k = in.cu_seqlens_k->data_ptr<int32_t>();
     p.cu_seqlens_key_rows = p.cu_seqlens_k;

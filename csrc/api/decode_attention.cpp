@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
                 cache_seqlens.device());
   NSA_CHECK_ARG(cache_seqlens.is_contiguous(), "cache_seqlens", "must be contiguous");
   const int64_t key_capacity = std::min(k.size(1), k_swa.size(1));
-  if (cache_seqlens.is_cpu()) {  // on the GPU this would cost a sync; the kernel clamps instead
+  if (host_checks_values(cache_seqlens)) {  // on the GPU this would cost a sync; the kernel clamps instead
     const int32_t* lengths = cache_seqlens.data_ptr<int32_t>();
     for (int64_t b = 0; b < cache_seqlens.size(0); ++b) {
       NSA_CHECK_ARG(lengths[b] >= q.size(1) && lengths[b] <= key_capacity, "cache_seqlens", "entry ", b, " (",

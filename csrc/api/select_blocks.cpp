@@ -63,6 +63,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
     cu_seqlens_c = compressed_row_offsets(*cu_seqlens_k, compress_block, compress_stride);
     check_compressed_rows(cu_seqlens_c, k_cmp, "k_cmp");
     p.num_seqs = n;
+    p.q_rows = q.size(0);
+    p.key_rows = k_cmp.size(0);
     p.max_key_rows = num_compressed_tokens(max_seqlen_k, compress_block, compress_stride);
     p.key_positions = max_seqlen_k;
     p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();

@@ -39,6 +39,10 @@ struct AttentionParams {
   const int32_t* cu_seqlens_q;         // [N+1] or null (padded)
   const int32_t* cu_seqlens_key_rows;  // [N+1] row offsets of k/v (compressed tokens for that branch)
   const int32_t* cu_seqlens_k;         // [N+1] original key lengths, which place the queries
+  // Packed: the rows of q and of k / v, which seq_span holds every sequence to (device cu_seqlens are
+  // not read by the host, so malformed ones must not take a kernel out of the tensors).
+  int64_t q_rows;
+  int64_t key_rows;
 
   double scale;  // cast to the accumulation type in kernels; float64 inputs keep it exact
   VisibilityMask mask;
@@ -75,16 +79,28 @@ struct SeqSpan {
   int64_t query_offset; // absolute position of query row 0: TK - TQ (bottom-right aligned)
 };
 
+NSA_HOST_DEVICE int64_t clamped(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+struct RowRange {
+  int64_t begin, len;
+};
+// Where sequence b's rows [cu[b], cu[b+1]) lie, cut to rows [0, rows) and at most max_len long; well-formed
+// offsets (what the host checks on the CPU) pass unchanged. Malformed ones get spans inside the tensor,
+// possibly empty or overlapping: wrong results for wrong input, but no access outside it.
+NSA_HOST_DEVICE RowRange packed_rows(const int32_t* cu, int64_t b, int64_t rows, int64_t max_len) {
+  const int64_t begin = clamped(cu[b], 0, rows);
+  const int64_t end = clamped(cu[b + 1], begin, begin + (max_len < rows - begin ? max_len : rows - begin));
+  return {begin, end - begin};
+}
+
 NSA_HOST_DEVICE SeqSpan seq_span(const AttentionParams& p, int64_t b) {
   if (p.cu_seqlens_q == nullptr) {
     return {b, 0, p.max_seqlen_q, 0, p.max_key_rows, p.key_positions - p.max_seqlen_q};
   }
-  const int64_t q_begin = p.cu_seqlens_q[b];
-  const int64_t q_len = p.cu_seqlens_q[b + 1] - q_begin;
-  const int64_t k_begin = p.cu_seqlens_key_rows[b];
-  const int64_t k_len = p.cu_seqlens_key_rows[b + 1] - k_begin;
-  const int64_t positions = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
-  return {0, q_begin, q_len, k_begin, k_len, positions - q_len};
+  const RowRange q = packed_rows(p.cu_seqlens_q, b, p.q_rows, p.max_seqlen_q);
+  const RowRange k = packed_rows(p.cu_seqlens_key_rows, b, p.key_rows, p.max_key_rows);
+  const int64_t positions = clamped(int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b], 0, p.key_positions);
+  return {0, q.begin, q.len, k.begin, k.len, positions - q.len};
 }
 
 }  // namespace nsa

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -37,7 +39,19 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
                 t.sizes());
 }
 
-// cu_seqlens: int32 [N+1], on q's device. On the CPU (where it costs nothing) also: starts at 0,
+// Whether the host checks a tensor's values (offsets, lengths): only on the CPU, where reading them
+// costs no device sync; on a GPU the kernels hold themselves to the tensors instead (seq_span, and
+// decoding's clamped lengths). NSA_EMULATE_DEVICE_VALUES=1 makes the CUDA emulator's CPU tensors
+// unchecked like a GPU's, so that tests can show the kernels alone stay in bounds.
+inline bool host_checks_values(const at::Tensor& t) {
+#ifdef NSA_EMULATE_CUDA
+  const char* device_values = std::getenv("NSA_EMULATE_DEVICE_VALUES");
+  if (device_values != nullptr && std::strcmp(device_values, "1") == 0) return false;
+#endif
+  return t.is_cpu();
+}
+
+// cu_seqlens: int32 [N+1], on q's device. On the CPU (host_checks_values) also: starts at 0,
 // non-decreasing, ends within `total_rows`, no sequence longer than max_seqlen.
 inline int64_t check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device, int64_t total_rows,
                                 int64_t max_seqlen, const char* max_name) {
@@ -51,7 +65,7 @@ inline int64_t check_cu_seqlens(const at::Tensor& cu, const char* name, const at
   const int64_t longest = std::min<int64_t>(total_rows, std::numeric_limits<int32_t>::max());
   NSA_CHECK_ARG(max_seqlen <= longest, max_name, "must be <= ", longest, ", the most rows a sequence of ", name,
                 " can have, got ", max_seqlen);
-  if (cu.is_cpu()) {
+  if (host_checks_values(cu)) {
     const int32_t* p = cu.data_ptr<int32_t>();
     NSA_CHECK_ARG(p[0] == 0, name, "must start at 0, got ", p[0]);
     for (int64_t i = 1; i < cu.size(0); ++i) {

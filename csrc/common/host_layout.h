@@ -26,9 +26,9 @@ inline at::Tensor compressed_row_offsets(const at::Tensor& cu_seqlens_k, int64_t
 }
 
 // In packed layout, the compressed keys must have a row for every token cu_seqlens_c counts
-// (checked on the CPU, where reading the last offset costs nothing).
+// (checked where host_checks_values: reading the last offset costs nothing there).
 inline void check_compressed_rows(const at::Tensor& cu_seqlens_c, const at::Tensor& k_cmp, const char* name) {
-  if (!cu_seqlens_c.is_cpu()) return;
+  if (!host_checks_values(cu_seqlens_c)) return;
   const int64_t needed = cu_seqlens_c.data_ptr<int32_t>()[cu_seqlens_c.size(0) - 1];
   NSA_CHECK_ARG(k_cmp.size(0) >= needed, name, "must have at least ", needed,
                 " rows, the compressed tokens of the key lengths in cu_seqlens_k, got ", k_cmp.size(0));

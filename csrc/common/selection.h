@@ -152,7 +152,7 @@ NSA_HOST_DEVICE int64_t index_row(const AttentionParams& p, const SeqSpan& s, in
   return s.batch * p.max_seqlen_q + s.q_row_begin + query;
 }
 // Its inverse: the sequence and query of index row `row`; seq == num_seqs for a packed row that no
-// sequence holds (past cu_seqlens_q[N]).
+// sequence holds (past cu_seqlens_q[N], or outside the span seq_span gives malformed offsets).
 struct IndexRow {
   int64_t seq;
   int64_t query;
@@ -164,7 +164,11 @@ NSA_HOST_DEVICE IndexRow locate_index_row(const AttentionParams& p, int64_t row)
     const int64_t mid = (lo + hi) / 2;
     if (p.cu_seqlens_q[mid + 1] <= row) lo = mid + 1; else hi = mid;
   }
-  return {lo, lo < p.num_seqs ? row - p.cu_seqlens_q[lo] : 0};
+  if (lo == p.num_seqs) return {lo, 0};
+  // The span's own begin, so that index_row(p, seq_span(p, seq), query) == row whatever the offsets.
+  const SeqSpan s = seq_span(p, lo);
+  const int64_t query = row - s.q_row_begin;
+  return query >= 0 && query < s.q_len ? IndexRow{lo, query} : IndexRow{p.num_seqs, 0};
 }
 
 // Whether slot s of an index row (count ids) counts: block_counts, and not a repeat of an earlier slot.
