@@ -6,8 +6,8 @@ duplicate, out-of-range and future ids;
 select_blocks on the compressed case; and the split decoding kernels (ragged cache lengths, one shorter
 than a compressed token, one long enough for two compressed splits, TQ = 2), with the tensor-core
 (bf16, Dk = Dv = 64) and the SIMT (fp32, Dv = 32) attend kernel; window and selected blocks on
-malformed device offsets. On an sm_90 GPU, last, the bf16 window
-case again with the forward and dq on wgmma (NSA_WGMMA=1)."""
+malformed device offsets. On an sm_90 GPU, last, the bf16 window case again with the forward and dq
+on wgmma (NSA_WGMMA=1)."""
 
 import os
 

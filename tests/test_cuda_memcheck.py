@@ -4,8 +4,9 @@ head dims 64 and 128) runs the emulated kernels on CPU tensors, so a kernel that
 tensor (a bad index, a missing bound on a tile's last rows, a wrong partial-buffer offset) is reported.
 A child runs every kernel once and the tests that stress bounds: bad / duplicate / future ids, partial
 last blocks, TQ < TK, packed batches with empty and length-1 sequences, the forward and dq by blocks in
-chunks, rows past the live cache length, malformed device offsets. It must pass and print no sanitizer report (a partial-buffer
-offset one row too far in the forward by blocks is reported as a heap-buffer-overflow in store_rows).
+chunks, rows past the live cache length, malformed device offsets. It must pass and print no sanitizer
+report (a partial-buffer offset one row too far in the forward by blocks is reported as a
+heap-buffer-overflow in store_rows; unbounded cu_seqlens, as a heap report in the dense forward).
 About 6 minutes on 2 cores, build included."""
 
 import subprocess
