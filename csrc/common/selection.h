@@ -151,24 +151,29 @@ NSA_HOST_DEVICE int64_t entry_slot(int64_t entry) { return entry >> 32; }
 NSA_HOST_DEVICE int64_t index_row(const AttentionParams& p, const SeqSpan& s, int64_t query) {
   return s.batch * p.max_seqlen_q + s.q_row_begin + query;
 }
-// Its inverse: the sequence and query of index row `row`; seq == num_seqs for a packed row that no
-// sequence holds (past cu_seqlens_q[N], or outside the span seq_span gives malformed offsets).
+// Its inverse: the sequence, its span and the query (0 <= query < span.q_len) of index row `row`;
+// seq == num_seqs (span unset) for a packed row that no sequence holds (past cu_seqlens_q[N], or
+// outside the span seq_span gives malformed offsets).
 struct IndexRow {
   int64_t seq;
   int64_t query;
+  SeqSpan span;  // seq_span(p, seq)
 };
 NSA_HOST_DEVICE IndexRow locate_index_row(const AttentionParams& p, int64_t row) {
-  if (p.cu_seqlens_q == nullptr) return {row / p.max_seqlen_q, row % p.max_seqlen_q};
+  if (p.cu_seqlens_q == nullptr) {
+    const int64_t b = row / p.max_seqlen_q;
+    return {b, row % p.max_seqlen_q, seq_span(p, b)};
+  }
   int64_t lo = 0, hi = p.num_seqs;  // the sequence whose rows [cu[b], cu[b+1]) hold `row`, or none
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     if (p.cu_seqlens_q[mid + 1] <= row) lo = mid + 1; else hi = mid;
   }
-  if (lo == p.num_seqs) return {lo, 0};
-  // The span's own begin, so that index_row(p, seq_span(p, seq), query) == row whatever the offsets.
+  if (lo == p.num_seqs) return {lo, 0, {}};
+  // The span's own begin, so that index_row(p, span, query) == row whatever the offsets.
   const SeqSpan s = seq_span(p, lo);
   const int64_t query = row - s.q_row_begin;
-  return query >= 0 && query < s.q_len ? IndexRow{lo, query} : IndexRow{p.num_seqs, 0};
+  return query >= 0 && query < s.q_len ? IndexRow{lo, query, s} : IndexRow{p.num_seqs, 0, {}};
 }
 
 // Whether slot s of an index row (count ids) counts: block_counts, and not a repeat of an earlier slot.

@@ -81,14 +81,12 @@ __global__ void reverse_entries_kernel(const SelectionAttentionParams p, int64_t
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * heads_k * n) return;
   const int64_t slot = e % n, kv_head = (e / n) % heads_k, row = e / (n * heads_k);
-  const auto [seq, query] = locate_index_row(p, row);
+  const auto [seq, query, s] = locate_index_row(p, row);
   int64_t entry = kNoEntry;
   if (seq < p.num_seqs) {
-    const SeqSpan s = seq_span(p, seq);
     const SelectedBlocks& sel = p.selection;
     const int32_t* ids = sel.indices + sel.strides.offset(s.batch, s.q_row_begin + query, kv_head);
-    if (query < s.q_len &&
-        first_counting_slot(ids, slot, num_select_blocks(s.k_len, sel.block), sel.block, s.query_offset + query))
+    if (first_counting_slot(ids, slot, num_select_blocks(s.k_len, sel.block), sel.block, s.query_offset + query))
       entry = reverse_entry(reverse_slot(kv_head, seq, ids[slot], p.num_seqs, p.blocks_per_seq), query);
   }
   entries[e] = entry;
@@ -215,7 +213,7 @@ struct CombinedRow {
     partials = warp * p.selection.count;
     const IndexRow r = locate_index_row(p, p.chunk_row_begin + warp / heads);
     if (r.seq >= p.num_seqs) return false;
-    span = seq_span(p, r.seq);
+    span = r.span;
     query = r.query;
     const SelectedBlocks& sel = p.selection;
     ids = sel.indices + sel.strides.offset(span.batch, span.q_row_begin + query, head / (heads / p.num_heads_k));
