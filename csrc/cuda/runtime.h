@@ -20,6 +20,9 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#include <mutex>
+#include <set>
 #define NSA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
@@ -43,23 +46,34 @@ inline DeviceLimits current_device_limits() {
 #endif
 }
 
-// Runs kernel<<<grid, block, smem, current stream>>>(args...); an empty grid launches nothing. Above
-// 48 KiB, dynamic shared memory must be opted into per kernel (cheap; also inside graph capture). The
-// opt-in is the most the kernel can have (the device's maximum less its static shared memory), not
-// this launch's size: the attribute belongs to the kernel, and a smaller size set by another thread's
-// launch must not undercut this one's (a cap: occupancy still follows each launch's own size).
+#ifndef NSA_EMULATE_CUDA
+// Above 48 KiB, dynamic shared memory must be opted into per kernel and device. The opt-in is the most
+// the kernel can have (the device's maximum less its static shared memory), not a launch's size: the
+// attribute belongs to the kernel, and a smaller size set by another thread's launch must not undercut
+// a larger one's (a cap: occupancy still follows each launch's own size). Being fixed, it is set once
+// per (kernel, device), keeping the driver queries off the launch path.
+inline void opt_in_max_dynamic_smem(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> opted_in;
+  const std::pair<const void*, int> key{kernel, c10::cuda::current_device()};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (opted_in.count(key) != 0) return;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int cap = current_device_limits().smem_per_block - static_cast<int>(attributes.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
+  opted_in.insert(key);
+}
+#endif
+
+// Runs kernel<<<grid, block, smem, current stream>>>(args...); an empty grid launches nothing.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
 #ifdef NSA_EMULATE_CUDA
   emu::launch(grid, block, smem, [&] { kernel(args...); });
 #else
-  if (smem > 48 * 1024) {
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    const int cap = current_device_limits().smem_per_block - static_cast<int>(attributes.sharedSizeBytes);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
-  }
+  if (smem > 48 * 1024) opt_in_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
